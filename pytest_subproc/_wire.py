@@ -1,0 +1,166 @@
+"""Framing of messages over a pair of pipe fds.
+
+A message is a fixed 16-byte header followed by its payload. The header holds
+a magic value, the message kind, a check value over kind and length, and the
+payload length. Reads and writes loop until the whole message has moved, so a
+payload of any size works, and a partial write cannot desynchronise the
+stream. This module knows nothing of pytest or of what a payload means.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import struct
+import sys
+import time
+import zlib
+from typing import Optional, Union
+
+MAGIC = b"\xa5S"
+HEADER = struct.Struct("<2sBxIQ")  # magic, kind, pad, check, length
+# Below this size a message goes out as one buffer (one syscall); above it the
+# header and the payload are written apart so the payload is never copied.
+_JOIN_LIMIT = 1 << 16
+_CHUNK = 1 << 20
+# Linux lets a pipe buffer grow to 1 MiB without privileges; large payloads
+# move about half again as fast through it.
+_F_SETPIPE_SZ = 1031
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class WireError(Exception):
+    """The stream is unusable."""
+
+
+class WireClosed(WireError):
+    """The other end closed the pipe: the peer is gone."""
+
+
+class WireTruncated(WireClosed):
+    """The other end closed the pipe in the middle of a message."""
+
+
+class WireCorrupt(WireError):
+    """A header did not check out: the stream is out of sync."""
+
+
+class WireTimeout(WireError):
+    """The deadline passed before the whole message moved."""
+
+
+def make_pipe() -> tuple[int, int]:
+    """Return a non-inheritable pipe (read fd, write fd) with a large buffer where possible."""
+    r, w = os.pipe()
+    if sys.platform.startswith("linux"):
+        try:
+            import fcntl
+
+            fcntl.fcntl(w, _F_SETPIPE_SZ, _CHUNK)
+        except OSError:
+            pass  # a capped /proc/sys/fs/pipe-max-size: the default buffer works too
+    return r, w
+
+
+def _check(kind: int, length: int) -> int:
+    return zlib.crc32(struct.pack("<BQ", kind, length))
+
+
+def encode_header(kind: int, length: int) -> bytes:
+    """Return the header for a message of ``kind`` with a ``length``-byte payload."""
+    return HEADER.pack(MAGIC, kind, _check(kind, length), length)
+
+
+def decode_header(header: Buffer) -> tuple[int, int]:
+    """Return (kind, length) from a header, or raise WireCorrupt."""
+    magic, kind, check, length = HEADER.unpack(header)
+    if magic != MAGIC or check != _check(kind, length):
+        raise WireCorrupt(f"bad message header {bytes(header)!r}")
+    return kind, length
+
+
+def _remaining(deadline: Optional[float]) -> Optional[float]:
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise WireTimeout("deadline passed")
+    return left
+
+
+def _wait(fd: int, deadline: Optional[float], *, write: bool) -> None:
+    """Block until ``fd`` is ready (only reached for non-blocking fds)."""
+    rlist, wlist = ([], [fd]) if write else ([fd], [])
+    ready = select.select(rlist, wlist, [], _remaining(deadline))
+    if not any(ready):
+        raise WireTimeout("deadline passed")
+
+
+def write_all(fd: int, data: Buffer, deadline: Optional[float] = None) -> None:
+    """Write every byte of ``data``, looping over partial writes."""
+    view = memoryview(data).cast("B")
+    while view:
+        try:
+            sent = os.write(fd, view[:_CHUNK])
+        except BlockingIOError:
+            _wait(fd, deadline, write=True)
+            continue
+        except BrokenPipeError as exc:
+            raise WireClosed("the reading end is closed") from exc
+        view = view[sent:]
+
+
+def _readinto(fd: int, view: memoryview) -> int:
+    if hasattr(os, "readv"):
+        return os.readv(fd, [view])
+    chunk = os.read(fd, len(view))  # pragma: no cover - platforms without readv
+    view[: len(chunk)] = chunk  # pragma: no cover
+    return len(chunk)  # pragma: no cover
+
+
+def read_exact(fd: int, size: int, deadline: Optional[float] = None) -> bytearray:
+    """Read exactly ``size`` bytes; WireClosed on end-of-file before the first byte."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        try:
+            n = _readinto(fd, view[got : got + _CHUNK])
+        except BlockingIOError:
+            _wait(fd, deadline, write=False)
+            continue
+        if n == 0:
+            if got == 0:
+                raise WireClosed("end of file: the peer is gone")
+            raise WireTruncated(f"end of file after {got} of {size} bytes")
+        got += n
+    return buf
+
+
+def send(fd: int, kind: int, payload: Buffer = b"", deadline: Optional[float] = None) -> None:
+    """Send one message."""
+    length = memoryview(payload).nbytes
+    header = encode_header(kind, length)
+    if length <= _JOIN_LIMIT:
+        write_all(fd, header + bytes(payload), deadline)
+    else:
+        write_all(fd, header, deadline)
+        write_all(fd, payload, deadline)
+
+
+def recv(fd: int, deadline: Optional[float] = None) -> tuple[int, bytearray]:
+    """Receive one message as (kind, payload).
+
+    WireClosed means the peer closed the stream between messages; WireTruncated
+    that it closed it inside one.
+    """
+    kind, length = decode_header(read_exact(fd, HEADER.size, deadline))
+    if length == 0:
+        return kind, bytearray()
+    try:
+        return kind, read_exact(fd, length, deadline)
+    except WireTruncated:
+        raise
+    except WireClosed as exc:
+        raise WireTruncated(f"end of file after a header announcing {length} bytes") from exc

@@ -9,6 +9,7 @@ stream. This module knows nothing of pytest or of what a payload means.
 
 from __future__ import annotations
 
+import enum
 import os
 import select
 import struct
@@ -91,9 +92,15 @@ def _remaining(deadline: Optional[float]) -> Optional[float]:
 
 def _wait(fd: int, deadline: Optional[float], *, write: bool) -> None:
     """Block until ``fd`` is ready (only reached for non-blocking fds)."""
-    rlist, wlist = ([], [fd]) if write else ([fd], [])
-    ready = select.select(rlist, wlist, [], _remaining(deadline))
-    if not any(ready):
+    timeout = _remaining(deadline)
+    if hasattr(select, "poll"):  # select() rejects fds >= FD_SETSIZE (1024)
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT if write else select.POLLIN)
+        ready = bool(poller.poll(None if timeout is None else timeout * 1000))
+    else:  # pragma: no cover - platforms without poll
+        rlist, wlist = ([], [fd]) if write else ([fd], [])
+        ready = any(select.select(rlist, wlist, [], timeout))
+    if not ready:
         raise WireTimeout("deadline passed")
 
 
@@ -164,3 +171,16 @@ def recv(fd: int, deadline: Optional[float] = None) -> tuple[int, bytearray]:
         raise
     except WireClosed as exc:
         raise WireTruncated(f"end of file after a header announcing {length} bytes") from exc
+
+
+class Kind(enum.IntEnum):
+    """Message kinds: requests from the parent, replies from the worker."""
+
+    READY = 1  # worker -> parent, once, after start-up
+    RUN = 2
+    STORE = 3
+    LOAD = 4
+    CALL = 5
+    SHUTDOWN = 6
+    OK = 7  # worker -> parent: the request's result
+    ERROR = 8  # worker -> parent: a serialized exception

@@ -1,0 +1,215 @@
+"""The worker's main loop: read a request, run it, send the reply, repeat.
+
+Started by the parent as ``python -m pytest_subproc._child REQ REP LIFE FAULT``
+where the arguments are inherited fds: requests in, replies out, a lifeline
+whose write end only the parent holds, and a file for faulthandler's dumps.
+This module never imports the parent-side modules, nor pytest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import io
+import linecache
+import os
+import pickle
+import signal
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from typing import IO, Any, Callable, Optional
+
+from pytest_subproc import _errors, _wire
+from pytest_subproc._wire import Kind
+
+# The parent's cwd: we start elsewhere (where this package lives) and move there.
+CWD_ENV = "PYTEST_SUBPROC_CWD"
+PICKLE_PROTOCOL = 5 if sys.version_info >= (3, 8) else 4
+
+
+def check_name(name: object) -> str:
+    """Return ``name`` if it can name a worker variable, else raise ValueError."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a worker variable name must be an identifier, not {name!r}")
+    return name
+
+
+def _die_with_group() -> None:
+    """Kill our process group (us and anything we started), then exit."""
+    if hasattr(os, "killpg") and os.getpgrp() == os.getpid():
+        with contextlib.suppress(OSError):
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+    os._exit(70)
+
+
+def watch_parent(life_fd: int) -> None:
+    """Die with our descendants as soon as the parent's end of the lifeline closes.
+
+    A thread blocked in read() holds no GIL, so this fires even while the main
+    thread is busy running a test.
+    """
+
+    def wait() -> None:
+        with contextlib.suppress(OSError):
+            while os.read(life_fd, 64):
+                pass
+        _die_with_group()
+
+    threading.Thread(target=wait, name="pytest_subproc-lifeline", daemon=True).start()
+
+
+@contextlib.contextmanager
+def applied(context: Optional[dict[str, Any]]) -> Iterator[None]:
+    """Apply the parent's environment, cwd and sys.path for one call, then restore ours."""
+    if not context:
+        yield
+        return
+    saved_env, saved_cwd, saved_path = dict(os.environ), os.getcwd(), list(sys.path)
+    try:
+        if "env" in context:
+            os.environ.clear()
+            os.environ.update(context["env"])
+        if "cwd" in context:
+            os.chdir(context["cwd"])
+        if "path" in context:
+            sys.path[:] = context["path"]
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        with contextlib.suppress(OSError):
+            os.chdir(saved_cwd)
+        sys.path[:] = saved_path
+
+
+class Server:
+    """Serves requests from one parent until it says shutdown or goes away."""
+
+    def __init__(self, req_fd: int, rep_fd: int, fault: IO[str]) -> None:
+        self.req_fd = req_fd
+        self.rep_fd = rep_fd
+        self.fault = fault
+        self.namespace: dict[str, Any] = {"__name__": "__subworker__"}
+        # Copies of the capture fds, so a body that closes 1 or 2 cannot take
+        # output away from the requests after it.
+        self.stdio = (os.dup(1), os.dup(2))
+
+    def serve(self) -> None:
+        """Loop until the parent asks us to stop or closes the request pipe."""
+        while True:
+            try:
+                kind, payload = _wire.recv(self.req_fd)
+            except _wire.WireClosed:
+                return
+            if kind == Kind.SHUTDOWN:
+                return
+            self.reply(*self.handle(kind, payload))
+
+    def handle(self, kind: int, payload: bytearray) -> tuple[int, bytes]:
+        """Run one request and return the reply (kind, payload); never raises."""
+        self.reset_stdio()
+        try:
+            timeout, context, args = pickle.loads(payload)
+            handler: Callable[..., Any] = getattr(self, f"on_{Kind(kind).name.lower()}")
+            self.arm(timeout)
+            try:
+                with applied(context):
+                    result = handler(*args)
+            finally:
+                faulthandler.cancel_dump_traceback_later()
+            return Kind.OK, pickle.dumps(result, protocol=PICKLE_PROTOCOL)
+        except BaseException as exc:
+            return Kind.ERROR, _errors.dump_exception(exc)
+
+    def reply(self, kind: int, payload: bytes) -> None:
+        """Flush this request's output, then send its reply."""
+        # Flushing first makes the output belong to this request, not the next.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        _wire.send(self.rep_fd, kind, payload)
+
+    def arm(self, timeout: Optional[float]) -> None:
+        """Dump every thread's stack when the request overruns its timeout.
+
+        The worker does not exit: the parent kills the whole tree just after,
+        while the worker still lives to name descendants that left its group.
+        """
+        if timeout is not None:
+            faulthandler.dump_traceback_later(timeout, exit=False, file=self.fault)
+
+    def reset_stdio(self) -> None:
+        """Point fds 1 and 2 and sys.stdout/stderr back at the capture files."""
+        os.dup2(self.stdio[0], 1)
+        os.dup2(self.stdio[1], 2)
+        for name in ("stdout", "stderr"):
+            original = getattr(sys, f"__{name}__")
+            if original is None or original.closed:
+                # Unbuffered, as `python -u` made the first one: output written
+                # just before a crash must not die in a buffer.
+                fd, errors = (1, None) if name == "stdout" else (2, "backslashreplace")
+                raw = open(fd, "wb", buffering=0, closefd=False)  # noqa: SIM115
+                original = io.TextIOWrapper(raw, errors=errors, write_through=True)
+                setattr(sys, f"__{name}__", original)
+            setattr(sys, name, original)
+
+    def on_run(self, source: str, filename: str) -> None:
+        code = textwrap.dedent(source)
+        # Registered so tracebacks and pytest show the source lines.
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        exec(compile(code, filename, "exec"), self.namespace)
+
+    def on_store(self, name: str, value: Any) -> None:
+        self.namespace[check_name(name)] = value
+
+    def on_load(self, name: str) -> Any:
+        try:
+            return self.namespace[check_name(name)]
+        except KeyError:
+            raise NameError(f"name {name!r} is not defined in the worker") from None
+
+    def on_call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return fn(*args, **kwargs)
+
+
+def _move_to_parent_cwd() -> None:
+    cwd = os.environ.pop(CWD_ENV, None)
+    if cwd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.chdir(cwd)
+        # What ``python -m`` would have put first had it started there.
+        sys.path[0] = cwd
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def main(argv: list[str]) -> None:
+    """Start-up: take the fds, arm faulthandler, say ready, serve."""
+    req_fd, rep_fd, life_fd, fault_fd = (int(a) for a in argv[1:5])
+    for fd in (req_fd, rep_fd, life_fd, fault_fd):
+        os.set_inheritable(fd, False)  # our own subprocesses must not hold them
+    if hasattr(os, "register_at_fork"):
+        # A fork()ed child (multiprocessing, os.fork) inherits every fd: one
+        # holding the reply pipe would hide our death from the parent.
+        os.register_at_fork(after_in_child=lambda: _close_fds(req_fd, rep_fd, life_fd))
+    fault = open(fault_fd, "w", closefd=False)  # noqa: SIM115 - lives as long as we do
+    faulthandler.enable(file=fault, all_threads=True)
+    _move_to_parent_cwd()
+    watch_parent(life_fd)
+    _wire.send(rep_fd, Kind.READY, pickle.dumps(os.getpid()))
+    Server(req_fd, rep_fd, fault).serve()
+
+
+if __name__ == "__main__":
+    # Run from the module under its real name, not as __main__: the worker's
+    # frames are then known as its own and left out of revived tracebacks.
+    from pytest_subproc import _child
+
+    _child.main(sys.argv)

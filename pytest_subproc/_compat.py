@@ -1,0 +1,169 @@
+"""Every use of pytest's private API, in one place, for pytest 7, 8 and 9.
+
+Worker side: counterparts of the built-in fixtures that act on the process a
+test runs in, and assertion explanations outside a pytest session. Parent
+side: the test function's own argument names and a monkeypatch's undo lists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+# Built-in fixtures whose value acts on the process the test runs in: the
+# worker builds its own instead of receiving the parent's.
+COUNTERPARTS = (
+    "monkeypatch",
+    "capsys",
+    "capsysbinary",
+    "capfd",
+    "capfdbinary",
+    "caplog",
+    "recwarn",
+    "request",
+)
+
+
+def function_argnames(item: pytest.Function) -> tuple[str, ...]:
+    """Return the names the test function itself takes (not autouse fixtures)."""
+    return tuple(item._fixtureinfo.argnames)
+
+
+def monkeypatch_targets(mp: pytest.MonkeyPatch) -> list[str]:
+    """Describe the setattr/setitem/delattr patches a MonkeyPatch holds, bar os.environ."""
+    import os
+
+    found = []
+    for obj, name, _ in getattr(mp, "_setattr", []):
+        found.append(f"{getattr(obj, '__name__', type(obj).__name__)}.{name}")
+    for mapping, key, _ in getattr(mp, "_setitem", []):
+        if mapping is not os.environ:  # the environment is sent to the worker
+            found.append(f"{type(mapping).__name__}[{key!r}]")
+    return found
+
+
+def _capture_fixture(kind: str) -> Any:
+    from _pytest import capture
+
+    classes = {
+        "capsys": capture.SysCapture,
+        "capsysbinary": capture.SysCaptureBinary,
+        "capfd": capture.FDCapture,
+        "capfdbinary": capture.FDCaptureBinary,
+    }
+
+    class WorkerCapture(capture.CaptureFixture):  # type: ignore[type-arg]
+        @contextlib.contextmanager
+        def disabled(self) -> Iterator[None]:
+            """Let output through to the worker's own output while inside the block."""
+            self._suspend()
+            try:
+                yield
+            finally:
+                self._resume()
+
+    return WorkerCapture(classes[kind], None, _ispytest=True)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _capture(kind: str) -> Iterator[Any]:
+    fixture = _capture_fixture(kind)
+    fixture._start()
+    try:
+        yield fixture
+    finally:
+        fixture.close()
+
+
+class _LogItem:
+    """Just enough of an item for LogCaptureFixture: a stash with the handler."""
+
+    def __init__(self, handler: Any) -> None:
+        from _pytest import logging as plog
+
+        self.stash = pytest.Stash()
+        self.stash[plog.caplog_handler_key] = handler
+        self.stash[plog.caplog_records_key] = {"setup": [], "call": handler.records, "teardown": []}
+
+
+@contextlib.contextmanager
+def _caplog() -> Iterator[Any]:
+    from _pytest import logging as plog
+
+    handler = plog.LogCaptureHandler()
+    with plog.catching_logs(handler):
+        fixture = plog.LogCaptureFixture(_LogItem(handler), _ispytest=True)  # type: ignore[arg-type]
+        try:
+            yield fixture
+        finally:
+            fixture._finalize()
+
+
+@contextlib.contextmanager
+def _recwarn() -> Iterator[Any]:
+    recorder = pytest.WarningsRecorder(_ispytest=True)
+    with recorder:
+        warnings.simplefilter("default")
+        yield recorder
+
+
+@contextlib.contextmanager
+def _monkeypatch() -> Iterator[pytest.MonkeyPatch]:
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def counterpart(kind: str) -> contextlib.AbstractContextManager[Any]:
+    """Return a context manager giving the worker-side counterpart of a built-in fixture."""
+    if kind in ("capsys", "capsysbinary", "capfd", "capfdbinary"):
+        return _capture(kind)
+    factories = {"caplog": _caplog, "recwarn": _recwarn, "monkeypatch": _monkeypatch}
+    return factories[kind]()
+
+
+class _ExplanationConfig:
+    """The part of pytest's Config that assertion explanations read."""
+
+    def __init__(self, verbosity: int) -> None:
+        self.verbosity = verbosity
+
+    def getoption(self, name: str, default: Any = None) -> Any:
+        return self.verbosity if name == "verbose" else default
+
+    def get_verbosity(self, verbosity_type: Any = None) -> int:
+        return self.verbosity
+
+    def getini(self, name: str) -> Any:
+        return None
+
+    def get_terminal_writer(self) -> _PlainWriter:
+        return _PlainWriter()
+
+
+class _PlainWriter:
+    """A terminal writer that highlights nothing: explanations travel as plain text."""
+
+    def _highlight(self, source: str, lexer: str = "python") -> str:
+        return source
+
+
+def install_assert_explanations(verbosity: int) -> None:
+    """Make rewritten asserts explain comparisons (list and dict diffs) as under pytest."""
+    from _pytest.assertion import util
+
+    config = _ExplanationConfig(verbosity)
+
+    def explain(op: str, left: object, right: object) -> Any:
+        try:
+            lines = util.assertrepr_compare(config, op, left, right)
+        except Exception:  # an explanation must never replace the assertion itself
+            return None
+        if not lines:
+            return None
+        return "\n~".join(line.replace("\n", "\\n") for line in lines).replace("%", "%%")
+
+    util._reprcompare = explain

@@ -1,0 +1,255 @@
+"""The parent's runtime: route marked tests to scoped workers, keep the books."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import re
+import sys
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import pytest
+
+from pytest_subproc import _compat, _errors, _runbody
+from pytest_subproc._child import PICKLE_PROTOCOL
+from pytest_subproc._exceptions import WorkerCrashed, WorkerTimeout
+from pytest_subproc._process import Worker
+from pytest_subproc._settings import Defaults, Settings, for_item
+from pytest_subproc._subworker import relay_output
+from pytest_subproc._wire import Kind
+
+SETTINGS = pytest.StashKey[Settings]()
+SPEC = pytest.StashKey[_runbody.BodySpec]()
+
+
+class SubprocessWarning(pytest.PytestWarning):
+    """Something done in the parent for a marked test cannot reach its worker."""
+
+
+class FixtureNotSendable(Exception):
+    """A fixture value of a marked test cannot be pickled for the worker."""
+
+
+def worker_fixture(scope: str) -> str:
+    """Name the fixture that owns the worker of ``scope``."""
+    return f"_subprocess_worker_{scope}"
+
+
+def shippable(item: pytest.Item) -> bool:
+    """Whether the item's body can run in a worker (plain Python test functions)."""
+    if not isinstance(item, pytest.Function):
+        return False
+    obj = getattr(item, "obj", None)
+    return callable(obj) and not (
+        inspect.iscoroutinefunction(obj) or inspect.isasyncgenfunction(obj)
+    )
+
+
+@dataclass
+class Runtime:
+    """Run-wide state, one per pytest process (so one per xdist worker)."""
+
+    defaults: Defaults
+    capture: bool = True
+    verbosity: int = 0
+    workers: int = 0
+    restarts: int = 0
+    live: list[Worker] = field(default_factory=list)
+    casualties: list[tuple[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> Runtime:
+        """Build the runtime from validated options."""
+        return cls(
+            Defaults.from_config(config),
+            capture=config.getoption("capture") != "no",
+            verbosity=config.getoption("verbose"),
+        )
+
+    def prepare(self, item: pytest.Item) -> None:
+        """Resolve an item's settings and have it request its scope's worker."""
+        settings = for_item(item, self.defaults)
+        # A test that drives the worker by hand through `subworker` runs in the
+        # parent; its marker still picks the worker's scope.
+        by_hand = "subworker" in getattr(item, "fixturenames", ())
+        isolated = settings.isolated and shippable(item) and not by_hand
+        if settings.isolated and not isolated:
+            settings = Settings(isolated=False, scope=settings.scope, timeout=settings.timeout)
+        item.stash[SETTINGS] = settings
+        if isolated:
+            item.fixturenames.append(worker_fixture(settings.scope))  # type: ignore[attr-defined]
+
+    def new_worker(self) -> Worker:
+        """Return a worker for one scope instance; it starts on first use."""
+        worker = Worker(capture=self.capture)
+        self.live.append(worker)
+        return worker
+
+    def retire(self, worker: Worker) -> None:
+        """Close a worker at the end of its scope and count its starts."""
+        try:
+            worker.close()
+        finally:
+            if worker in self.live:
+                self.live.remove(worker)
+            self.workers += worker.starts
+            self.restarts += max(worker.starts - 1, 0)
+
+    def close_all(self) -> None:
+        """Close every worker still open (the run is ending, maybe on Ctrl-C)."""
+        for worker in list(self.live):
+            self.retire(worker)
+
+    def run(self, item: pytest.Function) -> None:
+        """Run the item's body in its worker and raise what it raised."""
+        __tracebackhide__ = True
+        settings = item.stash[SETTINGS]
+        worker = item.funcargs[worker_fixture(settings.scope)]
+        assert isinstance(worker, Worker)
+        call: tuple[Any, ...] = (_runbody.run_body, (item.stash[SPEC],), {})
+        context = {"env": dict(os.environ), "cwd": os.getcwd(), "path": list(sys.path)}
+        reply = worker.request(Kind.CALL, call, timeout=settings.timeout, context=context)
+        relay_output(reply)
+        if isinstance(reply.error, (WorkerCrashed, WorkerTimeout)):
+            self.casualties.append((item.nodeid, str(reply.error).partition("\n")[0]))
+            # Point the report at the line the worker was on, as for any failure.
+            reply.error.__traceback__ = stack_traceback(reply.error.stack, item)
+        if reply.value is not None:
+            _warn_return(item, reply.value)
+        reply.unwrap()
+
+
+def _warn_return(item: pytest.Function, type_name: str) -> None:
+    category = getattr(pytest, "PytestReturnNotNoneWarning", None)
+    if category is not None:
+        warnings.warn(
+            category(
+                f"Expected None, but {item.nodeid} returned a {type_name}, which will be an "
+                "error in a future version of pytest.  Did you mean to use `assert` instead "
+                "of `return`?"
+            ),
+            stacklevel=2,
+        )
+
+
+def _pickled(item: pytest.Function, name: str) -> bytes:
+    try:
+        return pickle.dumps(item.funcargs[name], protocol=PICKLE_PROTOCOL)
+    except Exception as exc:
+        raise FixtureNotSendable(
+            f"fixture {name!r} of {item.nodeid} cannot be sent to the subprocess worker: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _picklable_options(config: pytest.Config) -> dict[str, Any]:
+    options = {}
+    for name, value in vars(config.option).items():
+        try:
+            pickle.dumps(value)
+        except Exception:
+            continue
+        options[name] = value
+    return options
+
+
+def _request_facts(item: pytest.Function) -> _runbody.RequestFacts:
+    callspec = getattr(item, "callspec", None)
+    markers = []
+    for mark in item.iter_markers():
+        try:
+            pickle.dumps((mark.args, mark.kwargs))
+            markers.append((mark.name, mark.args, dict(mark.kwargs)))
+        except Exception:
+            markers.append((mark.name, (), {}))
+    node = _runbody.NodeFacts(
+        name=item.name,
+        nodeid=item.nodeid,
+        keywords=tuple(item.keywords),
+        params=dict(callspec.params) if callspec is not None else {},
+        markers=tuple(markers),
+    )
+    return _runbody.RequestFacts(node, _runbody.ConfigFacts(_picklable_options(item.config)))
+
+
+def build_spec(item: pytest.Function, verbosity: int) -> _runbody.BodySpec:
+    """Collect what the worker needs for this test; fail naming any fixture that cannot cross."""
+    argnames = _compat.function_argnames(item)
+    builtins = {n: n for n in argnames if n in _compat.COUNTERPARTS}
+    values = {n: _pickled(item, n) for n in argnames if n not in builtins}
+    cls = item.cls
+    qualname = getattr(item, "originalname", item.name)
+    if cls is not None:
+        qualname = f"{cls.__qualname__}.{qualname}"
+    module = item.module
+    return _runbody.BodySpec(
+        module_name=module.__name__,
+        module_path=str(getattr(module, "__file__", None) or item.path),
+        qualname=qualname,
+        values=values,
+        builtins=builtins,
+        request=_request_facts(item) if "request" in builtins else None,
+        verbosity=verbosity,
+    )
+
+
+def warn_parent_patches(item: pytest.Function) -> None:
+    """Warn about parent-side monkeypatches the worker cannot see."""
+    mp: Optional[pytest.MonkeyPatch] = item.funcargs.get("monkeypatch")  # type: ignore[assignment]
+    targets = _compat.monkeypatch_targets(mp) if mp is not None else []
+    if targets:
+        warnings.warn(
+            SubprocessWarning(
+                f"{item.nodeid} runs in a subprocess worker, but monkeypatch changed "
+                f"{', '.join(targets)} in the parent only; the test body will not see it. "
+                "Patch inside the test body instead."
+            ),
+            stacklevel=2,
+        )
+
+
+_FAULT_FRAME = re.compile(r'^\s*File "(?P<file>.*)", line (?P<line>\d+) in (?P<name>.*)$')
+
+
+def _dump_threads(stack: str) -> list[list[tuple[str, int, str]]]:
+    """Split a faulthandler dump into threads of (file, line, name), outermost first."""
+    threads: list[list[tuple[str, int, str]]] = []
+    for line in stack.splitlines():
+        if line.startswith(("Thread 0x", "Current thread 0x")):
+            threads.append([])
+            continue
+        match = _FAULT_FRAME.match(line)
+        if match and threads:
+            threads[-1].insert(0, (match["file"], int(match["line"]), match["name"]))
+    return threads
+
+
+def stack_traceback(stack: str, item: pytest.Function) -> Optional[types.TracebackType]:
+    """Rebuild a traceback from the dumped thread that was running the test, if any."""
+    path = item.stash[SPEC].module_path
+    function = inspect.unwrap(item.obj)
+    name = function.__name__
+    first = getattr(getattr(function, "__code__", None), "co_firstlineno", 0)
+    for frames in _dump_threads(stack):
+        starts = [i for i, (f, _, n) in enumerate(frames) if f == path and n == name]
+        if starts:
+            frames = frames[starts[0] :]
+            records = [
+                (f, line, n, first if i == 0 else line) for i, (f, line, n) in enumerate(frames)
+            ]
+            return _errors.traceback_from(records)
+    return None
+
+
+def has_worker_frames(exc: BaseException) -> bool:
+    """Whether exc's traceback runs through frames rebuilt from the worker's."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__") == _errors.WORKER_FRAME_MODULE:
+            return True
+        tb = tb.tb_next
+    return False

@@ -1,0 +1,173 @@
+"""Worker side of a marked test: import its module as pytest would, call its body.
+
+The parent sends a BodySpec through a CALL request naming ``run_body``; this
+module then lives in the worker. It imports pytest, but never the parent-side
+modules.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import pickle
+import sys
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import pytest
+
+from pytest_subproc import _compat
+
+
+@dataclass(frozen=True)
+class CallSpecFacts:
+    """The parameters of a parametrized test."""
+
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """The read-only facts of the test item."""
+
+    name: str
+    nodeid: str
+    keywords: tuple[str, ...] = ()
+    params: dict[str, Any] = field(default_factory=dict)
+    markers: tuple[tuple[str, tuple[Any, ...], dict[str, Any]], ...] = ()
+
+    @property
+    def callspec(self) -> CallSpecFacts:
+        """The parameters of a parametrized test (AttributeError otherwise, as in pytest)."""
+        if not self.params:
+            raise AttributeError("callspec: the test is not parametrized")
+        return CallSpecFacts(self.params)
+
+    def iter_markers(self, name: Optional[str] = None) -> Iterator[pytest.Mark]:
+        """Yield the item's markers, closest first, as pytest.Mark objects."""
+        for mark_name, args, kwargs in self.markers:
+            if name is None or mark_name == name:
+                yield pytest.Mark(mark_name, args, kwargs, _ispytest=True)
+
+    def get_closest_marker(self, name: str, default: Any = None) -> Any:
+        """Return the closest marker of that name, or ``default``."""
+        return next(self.iter_markers(name), default)
+
+
+@dataclass(frozen=True)
+class ConfigFacts:
+    """The command-line option values of the run."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def getoption(self, name: str, default: Any = None, skip: bool = False) -> Any:
+        """Return an option's value, as Config.getoption does."""
+        name = name.lstrip("-").replace("-", "_")
+        if name in self.options:
+            return self.options[name]
+        if skip:
+            pytest.skip(f"no {name!r} option found")
+        if default is not None:
+            return default
+        raise ValueError(f"no option named {name!r}")
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """What a test body may read from pytest's ``request``."""
+
+    node: NodeFacts
+    config: ConfigFacts
+
+    @property
+    def keywords(self) -> dict[str, bool]:
+        return dict.fromkeys(self.node.keywords, True)
+
+
+@dataclass(frozen=True)
+class BodySpec:
+    """What the worker needs to run one test body."""
+
+    module_name: str
+    module_path: str
+    qualname: str
+    # Fixture values, pickled one by one in the parent so a failure names the fixture.
+    values: dict[str, bytes] = field(default_factory=dict)
+    # Built-in fixtures that act on the running process get worker-side counterparts.
+    builtins: dict[str, str] = field(default_factory=dict)
+    request: Optional[RequestFacts] = None
+    verbosity: int = 0
+
+
+def _rewritten_code(path: str) -> types.CodeType:
+    with open(path, "rb") as f:
+        source = f.read()
+    tree = ast.parse(source, filename=path)
+    from _pytest.assertion.rewrite import rewrite_asserts
+
+    rewrite_asserts(tree, source, path)
+    code: types.CodeType = compile(tree, path, "exec", dont_inherit=True)
+    return code
+
+
+def import_test_module(name: str, path: str) -> types.ModuleType:
+    """Import the test module under the parent's name, with pytest's assertion rewriting."""
+    module = sys.modules.get(name)
+    if module is not None and getattr(module, "__file__", None) == path:
+        return module
+    package = name.rpartition(".")[0]
+    if package:
+        # Relative imports in the test module need its package imported first.
+        with contextlib.suppress(ImportError):
+            importlib.import_module(package)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = types.ModuleType(name)
+    module.__file__ = path
+    module.__spec__ = spec
+    module.__package__ = package
+    sys.modules[name] = module
+    try:
+        exec(_rewritten_code(path), module.__dict__)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def resolve(module: types.ModuleType, qualname: str) -> Any:
+    """Find the test function; a method is bound to a fresh instance of its class."""
+    owner: Any = module
+    *classes, name = qualname.split(".")
+    for cls_name in classes:
+        owner = getattr(owner, cls_name)
+    if classes:
+        owner = owner()
+    return getattr(owner, name)
+
+
+def _counterparts(spec: BodySpec, stack: contextlib.ExitStack) -> dict[str, Any]:
+    made: dict[str, Any] = {}
+    for argname, kind in spec.builtins.items():
+        if kind == "request":
+            made[argname] = spec.request
+        else:
+            made[argname] = stack.enter_context(_compat.counterpart(kind))
+    return made
+
+
+def run_body(spec: BodySpec) -> Optional[str]:
+    """Run one test body; return the type name of a non-None return value, if any."""
+    _compat.install_assert_explanations(spec.verbosity)
+    function = resolve(import_test_module(spec.module_name, spec.module_path), spec.qualname)
+    kwargs = {name: pickle.loads(data) for name, data in spec.values.items()}
+    with contextlib.ExitStack() as stack:
+        kwargs.update(_counterparts(spec, stack))
+        result = function(**kwargs)
+    if result is None or inspect.iscoroutine(result):
+        return None
+    return type(result).__name__

@@ -1,0 +1,121 @@
+"""Marker, command line and ini resolved into one frozen settings value per test."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pytest
+
+MARKER = "subprocess"
+SCOPES = ("session", "module", "function")
+DEFAULT_SCOPE = "module"
+
+# Help texts shared by the command line options and the ini keys.
+ALL_HELP = "Run every Python test function in a subprocess worker."
+SCOPE_HELP = (
+    "Life of a subprocess worker: 'session', 'module' (default) or 'function' (one per test)."
+)
+TIMEOUT_HELP = "Timeout in seconds for one test body run in a subprocess worker (default: none)."
+MARKER_HELP = (
+    "subprocess(scope='module', timeout=None): run the test body in a warm subprocess "
+    "worker whose life follows the given pytest scope; fail it after timeout seconds."
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How one test runs: whether it is isolated, in which worker scope, with which timeout."""
+
+    isolated: bool
+    scope: str = DEFAULT_SCOPE
+    timeout: Optional[float] = None
+
+
+def parse_scope(value: object, origin: str) -> str:
+    """Return a valid scope name or raise a UsageError naming ``origin``."""
+    if value in SCOPES:
+        return str(value)
+    raise pytest.UsageError(
+        f"Invalid subprocess scope {value!r} from {origin}; expected one of {', '.join(SCOPES)}"
+    )
+
+
+def parse_timeout(value: object, origin: str) -> Optional[float]:
+    """Return a timeout in seconds (None for none) or raise a UsageError naming ``origin``."""
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if math.isnan(seconds) or seconds <= 0:
+        raise pytest.UsageError(
+            f"Invalid subprocess timeout {value!r} from {origin}; "
+            "expected a positive number of seconds"
+        )
+    return None if math.isinf(seconds) else seconds
+
+
+def parse_bool(value: object, origin: str) -> bool:
+    """Return an ini boolean, or raise a UsageError naming ``origin``."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise pytest.UsageError(f"Invalid boolean {value!r} from {origin}")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The run-wide settings from the command line and ini, already validated."""
+
+    isolate_all: bool
+    scope: str
+    timeout: Optional[float]
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> Defaults:
+        """Read and validate the command line, falling back to the ini file."""
+        return cls(
+            isolate_all=bool(config.getoption("subprocess_all"))
+            or parse_bool(config.getini("subprocess_all"), "ini subprocess_all"),
+            scope=_option(config, "scope", parse_scope, DEFAULT_SCOPE),
+            timeout=_option(config, "timeout", parse_timeout, None),
+        )
+
+
+def _option(config: pytest.Config, name: str, parse: Any, default: Any) -> Any:
+    value = config.getoption(f"subprocess_{name}")
+    if value is not None:
+        return parse(value, f"--subprocess-{name}")
+    raw = config.getini(f"subprocess_{name}")
+    return parse(raw, f"ini subprocess_{name}") if raw else default
+
+
+def for_item(item: pytest.Item, defaults: Defaults) -> Settings:
+    """Resolve the settings of one test: the closest marker wins over the run's defaults."""
+    marker = item.get_closest_marker(MARKER)
+    if marker is None:
+        return Settings(
+            isolated=defaults.isolate_all, scope=defaults.scope, timeout=defaults.timeout
+        )
+    origin = f"the subprocess marker of {item.nodeid}"
+    if marker.args:
+        raise pytest.UsageError(f"{origin} takes keyword arguments only, got {marker.args!r}")
+    unknown = set(marker.kwargs) - {"scope", "timeout"}
+    if unknown:
+        raise pytest.UsageError(f"Unknown argument(s) {sorted(unknown)} in {origin}")
+    scope = marker.kwargs.get("scope", defaults.scope)
+    timeout = marker.kwargs.get("timeout", defaults.timeout)
+    return Settings(
+        isolated=True,
+        scope=parse_scope(scope, origin),
+        timeout=parse_timeout(timeout, origin),
+    )

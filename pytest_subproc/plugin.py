@@ -1,0 +1,137 @@
+"""What pytest sees: options, ini keys, the marker, fixtures and hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator
+from typing import Optional
+
+import pytest
+
+from pytest_subproc import _dispatch, _settings
+from pytest_subproc._dispatch import Runtime
+from pytest_subproc._exceptions import ChildTraceException
+from pytest_subproc._process import Worker
+from pytest_subproc._subworker import Subworker
+
+RUNTIME = pytest.StashKey[Runtime]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("subprocess", "subprocess-isolated tests")
+    group.addoption(
+        "--subprocess", action="store_true", dest="subprocess_all", help=_settings.ALL_HELP
+    )
+    group.addoption("--subprocess-scope", dest="subprocess_scope", help=_settings.SCOPE_HELP)
+    group.addoption("--subprocess-timeout", dest="subprocess_timeout", help=_settings.TIMEOUT_HELP)
+    # Parsed by _settings, so a bad value is a usage error naming the key.
+    parser.addini("subprocess_all", _settings.ALL_HELP, default="")
+    parser.addini("subprocess_scope", _settings.SCOPE_HELP, default="")
+    parser.addini("subprocess_timeout", _settings.TIMEOUT_HELP, default="")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", _settings.MARKER_HELP)
+    config.stash[RUNTIME] = Runtime.from_config(config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    runtime = config.stash.get(RUNTIME, None)
+    if runtime is not None:
+        runtime.close_all()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    runtime = config.stash[RUNTIME]
+    for item in items:
+        runtime.prepare(item)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    result = yield
+    if _is_isolated(item):
+        assert isinstance(item, pytest.Function)
+        item.stash[_dispatch.SPEC] = _dispatch.build_spec(
+            item, item.config.stash[RUNTIME].verbosity
+        )
+        _dispatch.warn_parent_patches(item)
+    return result
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Optional[bool]:
+    if not _is_isolated(pyfuncitem):
+        return None
+    pyfuncitem.config.stash[RUNTIME].run(pyfuncitem)
+    return True
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    # The report shows the worker's frames natively; the chained worker
+    # traceback would only repeat them, so it is left out of the report
+    # (and kept on the exception for whoever inspects it).
+    exc = call.excinfo.value if call.excinfo is not None and _is_isolated(item) else None
+    cause = exc.__cause__ if exc is not None and _dispatch.has_worker_frames(exc) else None
+    if isinstance(cause, ChildTraceException):
+        exc.__cause__ = None  # type: ignore[union-attr]
+    try:
+        return (yield)
+    finally:
+        if isinstance(cause, ChildTraceException):
+            exc.__cause__ = cause  # type: ignore[union-attr]
+
+
+def _is_isolated(item: pytest.Item) -> bool:
+    settings = item.stash.get(_dispatch.SETTINGS, None)
+    return settings is not None and settings.isolated
+
+
+def _scoped_worker(request: pytest.FixtureRequest) -> Iterator[Worker]:
+    runtime = request.config.stash[RUNTIME]
+    worker = runtime.new_worker()
+    try:
+        yield worker
+    finally:
+        runtime.retire(worker)
+
+
+@pytest.fixture(scope="session")
+def _subprocess_worker_session(request: pytest.FixtureRequest) -> Iterator[Worker]:
+    yield from _scoped_worker(request)
+
+
+@pytest.fixture(scope="module")
+def _subprocess_worker_module(request: pytest.FixtureRequest) -> Iterator[Worker]:
+    yield from _scoped_worker(request)
+
+
+@pytest.fixture
+def _subprocess_worker_function(request: pytest.FixtureRequest) -> Iterator[Worker]:
+    yield from _scoped_worker(request)
+
+
+@pytest.fixture
+def subworker(request: pytest.FixtureRequest) -> Subworker:
+    """A handle on the subprocess worker of this test's scope (module by default)."""
+    settings = request.node.stash.get(_dispatch.SETTINGS, None)
+    if settings is None:
+        settings = _settings.for_item(request.node, request.config.stash[RUNTIME].defaults)
+    worker = request.getfixturevalue(_dispatch.worker_fixture(settings.scope))
+    return Subworker(worker)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    runtime = terminalreporter.config.stash.get(RUNTIME, None)
+    if runtime is None or not runtime.workers:
+        return
+    terminalreporter.write_sep("-", "subprocess workers")
+    for nodeid, what in runtime.casualties:
+        terminalreporter.write_line(f"{nodeid}: {what}")
+    terminalreporter.write_line(
+        f"workers started: {runtime.workers}, "
+        f"restarted after a crash or timeout: {runtime.restarts}"
+    )

@@ -1,0 +1,273 @@
+"""A suite of trivial tests run in-process, under the marker's scopes and under pytest-forked.
+
+Each configuration runs as ``python -m pytest -q -p no:cacheprovider`` in the
+benchmark's own environment (see ``bench/_venv.py``), timed by wall clock and
+by the time pytest reports. A configuration that fails is reported with the
+last lines of its output instead of stopping the benchmark.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import _venv
+from bench._common import Row, fmt_ratio, fmt_seconds, last_lines, median, progress, table
+
+PER_MODULE = 50
+OVERHEAD_TARGET_MS = 0.5
+FORKED_TARGET = 10.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """One way of running the suite."""
+
+    key: str
+    label: str
+    marker: str  # the decorator line above each test, or ""
+    args: tuple[str, ...] = ()
+    once: bool = False  # too slow to repeat
+
+
+CONFIGS = (
+    Config("inproc", "in-process (no marker)", ""),
+    Config("module", "@pytest.mark.subprocess (module scope)", "@pytest.mark.subprocess"),
+    Config(
+        "session",
+        '@pytest.mark.subprocess(scope="session")',
+        '@pytest.mark.subprocess(scope="session")',
+    ),
+    Config(
+        "function",
+        '@pytest.mark.subprocess(scope="function")',
+        '@pytest.mark.subprocess(scope="function")',
+        once=True,
+    ),
+    Config("forked", "pytest-forked (--forked)", "", ("--forked",)),
+)
+
+
+@dataclass
+class Result:
+    """The runs of one configuration: times in seconds, or why it failed."""
+
+    wall: list[float] = field(default_factory=list)
+    reported: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.reported)
+
+    def median(self, wall: bool) -> float:
+        return median(self.wall if wall else self.reported)
+
+
+def write_suite(directory: Path, marker: str, tests: int) -> None:
+    """``tests`` trivial tests, ``PER_MODULE`` to a module, each under ``marker``."""
+    directory.mkdir(parents=True)
+    (directory / "pytest.ini").write_text("[pytest]\n")
+    for first in range(0, tests, PER_MODULE):
+        lines = ["import pytest", ""]
+        for i in range(first, min(first + PER_MODULE, tests)):
+            lines += ["", *([marker] if marker else []), f"def test_{i:04d}():"]
+            lines += [f"    i = {i}", "    assert i + 1 == i + 1", ""]
+        name = f"test_mod_{first // PER_MODULE:02d}.py"
+        (directory / name).write_text("\n".join(lines))
+
+
+_SUMMARY = re.compile(r"(\d+) passed.* in (\d+(?:\.\d+)?)s")
+
+
+def run_pytest(
+    python: Path, directory: Path, args: tuple[str, ...], env: dict[str, str], timeout: float
+) -> tuple[float, str, int]:
+    """Run pytest in ``directory``; return (wall seconds, output, exit code or -1 on timeout)."""
+    cmd = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    # Output to a file, not a pipe: a straggling grandchild cannot block the read.
+    with tempfile.TemporaryFile() as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd,
+            cwd=directory,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            code = -1
+        wall = time.perf_counter() - start
+        out.seek(0)
+        return wall, out.read().decode("utf-8", "replace"), code
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Kill pytest and whatever it started in its session (workers also watch their parent)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (AttributeError, OSError):  # no process groups, or already gone
+        proc.kill()
+    proc.wait()
+
+
+def measure(
+    config: Config, python: Path, directory: Path, env: dict[str, str], tests: int, into: Result
+) -> None:
+    timeout = 120.0 + tests * 1.0
+    wall, output, code = run_pytest(python, directory, config.args, env, timeout)
+    if code == -1:
+        into.error = f"timed out after {timeout:.0f} s: {last_lines(output)}"
+        return
+    summary = _SUMMARY.search(output.strip().splitlines()[-1] if output.strip() else "")
+    if code != 0 or summary is None or int(summary.group(1)) != tests:
+        into.error = f"exit code {code}: {last_lines(output)}"
+        return
+    into.wall.append(wall)
+    into.reported.append(float(summary.group(2)))
+
+
+def _environment() -> tuple[Path, dict[str, str], str]:
+    """The python to run pytest with, its environment, and a line describing it."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTHONDEVMODE"}
+    }
+    try:
+        python = _venv.ensure()
+    except _venv.EnvError as exc:
+        python = Path(sys.executable)
+        note = f"bench/.venv-bench unavailable ({exc}); using the running interpreter"
+    else:
+        env.pop("PYTHONPATH", None)  # the environment is self-contained
+        note = "bench/.venv-bench"
+    return python, env, f"{note}: {_venv.describe(python)}"
+
+
+def run(quick: bool) -> str:
+    """Run the suite in every configuration and return the report."""
+    tests = 200 if quick else 1000
+    repeats = 1 if quick else 3
+    python, env, about = _environment()
+    results = {c.key: Result() for c in CONFIGS}
+    with tempfile.TemporaryDirectory(prefix="pytest_subproc-bench-suite-") as tmp:
+        dirs: dict[str, Path] = {}
+        for config in CONFIGS:
+            directory = Path(tmp) / (config.key if config.marker else "plain")
+            if not directory.exists():
+                write_suite(directory, config.marker, tests)
+                # Untimed: pytest writes the assertion-rewritten modules' cache here.
+                run_pytest(python, directory, ("--collect-only",), env, 300)
+            dirs[config.key] = directory
+        for rep in range(repeats):
+            for config in CONFIGS:
+                result = results[config.key]
+                if result.error or (config.once and rep):
+                    continue
+                progress(f"suite: {config.label}, {tests} tests, run {rep + 1} of {repeats}")
+                measure(config, python, dirs[config.key], env, tests, result)
+    head = (
+        f"Suite: {tests} trivial tests, {PER_MODULE} per module, median of {repeats} run(s) "
+        f"(function scope: 1)\n{about}"
+    )
+    return f"{head}\n{_times(results, tests)}\n\n{_ratios(results, tests)}"
+
+
+def _per_test_ms(seconds: float, tests: int) -> str:
+    return f"{seconds / tests * 1e3:.3f} ms"
+
+
+def _overhead(results: dict[str, Result], key: str, tests: int, wall: bool) -> float | None:
+    """Milliseconds per test over the in-process run, or None if either failed."""
+    base, this = results["inproc"], results[key]
+    if not (base.ok and this.ok):
+        return None
+    return (this.median(wall) - base.median(wall)) / tests * 1e3
+
+
+def _times(results: dict[str, Result], tests: int) -> str:
+    rows = []
+    for config in CONFIGS:
+        result = results[config.key]
+        if not result.ok:
+            rows.append(Row((config.label, f"failed: {result.error}")))
+            continue
+        reported, wall = result.median(wall=False), result.median(wall=True)
+        over = [_overhead(results, config.key, tests, wall=w) for w in (False, True)]
+        rows.append(
+            Row(
+                (
+                    config.label,
+                    fmt_seconds(reported),
+                    fmt_seconds(wall),
+                    _per_test_ms(reported, tests),
+                    *("-" if config.key == "inproc" or o is None else f"{o:+.3f} ms" for o in over),
+                )
+            )
+        )
+    headers = (
+        "configuration",
+        "pytest time",
+        "wall clock",
+        "per test",
+        "over in-process (pytest)",
+        "(wall)",
+    )
+    return table(headers, rows)
+
+
+def _speedup(results: dict[str, Result], key: str, tests: int, wall: bool) -> float | None:
+    """How many times less per-test overhead ``key`` has than --forked."""
+    ours = _overhead(results, key, tests, wall)
+    forked = _overhead(results, "forked", tests, wall)
+    if ours is None or forked is None:
+        return None
+    return math.inf if ours <= 0 else forked / ours
+
+
+def _ratios(results: dict[str, Result], tests: int) -> str:
+    rows = []
+    for key, scope in (("module", "module"), ("session", "session"), ("function", "function")):
+        by_time, by_wall = (_speedup(results, key, tests, wall=w) for w in (False, True))
+        target = f">= {FORKED_TARGET:.0f}x" if key != "function" else ""
+        met = None if key == "function" or by_time is None else by_time >= FORKED_TARGET
+        rows.append(
+            Row(
+                (
+                    f"--forked overhead / {scope} scope overhead",
+                    fmt_ratio(by_time),
+                    fmt_ratio(by_wall),
+                    target,
+                ),
+                met,
+            )
+        )
+    for key in ("module", "session"):
+        by_time, by_wall = (_overhead(results, key, tests, wall=w) for w in (False, True))
+        rows.append(
+            Row(
+                (
+                    f"{key} scope overhead per test",
+                    "n/a" if by_time is None else f"{by_time:.3f} ms",
+                    "n/a" if by_wall is None else f"{by_wall:.3f} ms",
+                    f"< {OVERHEAD_TARGET_MS} ms",
+                ),
+                None if by_time is None else by_time < OVERHEAD_TARGET_MS,
+            )
+        )
+    headers = ("comparison (per-test overhead over in-process)", "pytest time", "wall", "target")
+    return table(headers, rows)

@@ -8,6 +8,7 @@ import pickle
 import re
 import sys
 import types
+import unittest
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -18,7 +19,7 @@ from pytest_subproc import _compat, _errors, _runbody
 from pytest_subproc._child import PICKLE_PROTOCOL
 from pytest_subproc._exceptions import WorkerCrashed, WorkerTimeout
 from pytest_subproc._process import Worker
-from pytest_subproc._settings import Defaults, Settings, for_item
+from pytest_subproc._settings import MARKER, Defaults, Settings, for_item
 from pytest_subproc._subworker import relay_output
 from pytest_subproc._wire import Kind
 
@@ -43,6 +44,9 @@ def shippable(item: pytest.Item) -> bool:
     """Whether the item's body can run in a worker (plain Python test functions)."""
     if not isinstance(item, pytest.Function):
         return False
+    cls = getattr(item, "cls", None)
+    if cls is not None and issubclass(cls, unittest.TestCase):
+        return False  # unittest runs the method itself, never through pytest_pyfunc_call
     obj = getattr(item, "obj", None)
     return callable(obj) and not (
         inspect.iscoroutinefunction(obj) or inspect.isasyncgenfunction(obj)
@@ -79,6 +83,14 @@ class Runtime:
         isolated = settings.isolated and shippable(item) and not by_hand
         if settings.isolated and not isolated:
             settings = Settings(isolated=False, scope=settings.scope, timeout=settings.timeout)
+            if not by_hand and item.get_closest_marker(MARKER) is not None:
+                item.warn(
+                    SubprocessWarning(
+                        f"{item.nodeid} is marked subprocess, but pytest_subproc cannot "
+                        "ship it (unittest, async or non-Python test): it runs in the "
+                        "pytest process"
+                    )
+                )
         item.stash[SETTINGS] = settings
         if isolated:
             item.fixturenames.append(worker_fixture(settings.scope))  # type: ignore[attr-defined]
@@ -242,7 +254,8 @@ def stack_traceback(stack: str, item: pytest.Function) -> Optional[types.Traceba
                 (f, line, n, first if i == 0 else line) for i, (f, line, n) in enumerate(frames)
             ]
             return _errors.traceback_from(records)
-    return None
+    # No dump (a plain exit): point at the test function itself.
+    return _errors.traceback_from([(path, first, name, first)])
 
 
 def has_worker_frames(exc: BaseException) -> bool:

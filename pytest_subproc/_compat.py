@@ -8,6 +8,7 @@ side: the test function's own argument names and a monkeypatch's undo lists.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -151,15 +152,37 @@ class _PlainWriter:
         return source
 
 
+def _comparer(util: Any, verbosity: int) -> Any:
+    """Return compare(op, left, right) -> lines, for the running pytest's signature."""
+    if "config" in inspect.signature(util.assertrepr_compare).parameters:
+        config = _ExplanationConfig(verbosity)  # pytest 7 to 9.1 read a Config
+        return lambda op, left, right: util.assertrepr_compare(config, op, left, right)
+    plain = getattr(util, "dummy_highlighter", _PlainWriter()._highlight)
+
+    def compare(op: str, left: object, right: object) -> list[str]:
+        return list(
+            util.assertrepr_compare(
+                op,
+                left,
+                right,
+                verbose=verbosity,
+                highlighter=plain,
+                assertion_text_diff_style="ndiff",  # the ini key's default
+            )
+        )
+
+    return compare
+
+
 def install_assert_explanations(verbosity: int) -> None:
     """Make rewritten asserts explain comparisons (list and dict diffs) as under pytest."""
     from _pytest.assertion import util
 
-    config = _ExplanationConfig(verbosity)
+    compare = _comparer(util, verbosity)
 
     def explain(op: str, left: object, right: object) -> Any:
         try:
-            lines = util.assertrepr_compare(config, op, left, right)
+            lines = compare(op, left, right)
         except Exception:  # an explanation must never replace the assertion itself
             return None
         if not lines:

@@ -332,7 +332,7 @@ def test_outcomes_raised_in_the_body(pytester: pytest.Pytester) -> None:
         [
             "E *ZeroDivisionError: division by zero",
             "E *Failed: failed in the body",
-            "E *Failed: DID NOT RAISE <class 'ValueError'>",
+            "E *Failed: DID NOT RAISE *ValueError*",  # pytest 9.2 dropped the <class ...>
             "E *SystemExit: 2",
         ]
     )

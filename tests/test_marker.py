@@ -18,12 +18,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
+from _inner import assert_gone, read_pids, running
 
 PLUGIN = ("-p", "pytest_subproc.plugin")
 
@@ -64,32 +63,6 @@ def pidlog(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def run(pytester: pytest.Pytester, *args: str, timeout: float = 60) -> pytest.RunResult:
     return pytester.runpytest_subprocess(*PLUGIN, "-p", "no:cacheprovider", *args, timeout=timeout)
-
-
-def read_pids(path: Path) -> dict[str, int]:
-    pids = {}
-    for line in path.read_text().splitlines():
-        tag, pid = line.split()
-        pids[tag] = int(pid)
-    return pids
-
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def assert_gone(pids: Iterable[int], timeout: float = 5.0) -> None:
-    """Every pid has exited within ``timeout`` seconds (the run left nothing behind)."""
-    deadline = time.monotonic() + timeout
-    alive = {pid for pid in pids if pid != os.getpid()}
-    while alive:
-        alive = {pid for pid in alive if _running(pid)}
-        if alive and time.monotonic() > deadline:
-            pytest.fail(f"processes outlived the inner run: {sorted(alive)}")
-        time.sleep(0.05)
 
 
 def wait_for(path: Path, text: str = "\n", timeout: float = 30.0) -> str:
@@ -775,7 +748,7 @@ def test_ctrl_c_interrupts_the_run_and_kills_the_worker(
     proc = _start_inner(pytester)
     try:
         worker = int(wait_for(pidlog).split()[1])
-        assert _running(worker)
+        assert running(worker)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -795,7 +768,7 @@ def test_sigkill_of_pytest_takes_the_worker_down(pytester: pytest.Pytester, pidl
         proc = _start_inner(pytester, "-s", stdout=out)
     try:
         worker = int(wait_for(pidlog).split()[1])
-        assert _running(worker)
+        assert running(worker)
         assert "SLEEPER-STREAMED" in wait_for(terminal, "SLEEPER-STREAMED")
         proc.kill()
         proc.communicate(timeout=30)

@@ -10,6 +10,28 @@ from pathlib import Path
 import psutil
 import pytest
 
+# Inner runs load only this plugin: the other installed ones only slow them down.
+PLUGIN = ("-p", "pytest_subproc.plugin")
+
+# Imported by inner test bodies: ``log(tag)`` appends ``tag pid`` to $PIDLOG.
+PIDLOG = """
+import os
+
+def log(tag, pid=None):
+    with open(os.environ["PIDLOG"], "a") as f:
+        f.write(f"{tag} {pid or os.getpid()}\\n")
+"""
+
+# Logs the inner pytest's own pid: fixtures run in the parent, not in a worker.
+PARENT_CONFTEST = """
+import pytest
+import pidlog
+
+@pytest.fixture(autouse=True, scope="session")
+def _log_parent():
+    pidlog.log("parent")
+"""
+
 
 def read_pids(path: Path) -> dict[str, int]:
     pids = {}
@@ -35,3 +57,18 @@ def assert_gone(pids: Iterable[int], timeout: float = 5.0) -> None:
         if alive and time.monotonic() > deadline:
             pytest.fail(f"processes outlived the inner run: {sorted(alive)}")
         time.sleep(0.05)
+
+
+@pytest.fixture
+def no_plugin_autoload(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inner runs load only the plugins they name (see PLUGIN)."""
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+
+
+@pytest.fixture
+def pidlog(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A file the inner test bodies append ``tag pid`` lines to (``pidlog.log(tag)``)."""
+    path = pytester.path / "pids.txt"
+    pytester.makepyfile(pidlog=PIDLOG)
+    monkeypatch.setenv("PIDLOG", str(path))
+    return path

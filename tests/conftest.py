@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
+from _inner import no_plugin_autoload, pidlog  # noqa: F401 - fixtures of the acceptance tests
 
 # Exiting children get this long to be reaped before they count as leaked.
 CHILD_GRACE = 2.0

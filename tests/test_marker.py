@@ -22,43 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _inner import assert_gone, read_pids, running
-
-PLUGIN = ("-p", "pytest_subproc.plugin")
-
-PIDLOG = """
-import os
-
-def log(tag, pid=None):
-    with open(os.environ["PIDLOG"], "a") as f:
-        f.write(f"{tag} {pid or os.getpid()}\\n")
-"""
-
-# Logs the inner pytest's own pid: fixtures run in the parent, not in a worker.
-PARENT_FIXTURE = """
-import pytest
-import pidlog
-
-@pytest.fixture(autouse=True, scope="session")
-def _log_parent():
-    pidlog.log("parent")
-"""
+from _inner import PARENT_CONFTEST, PLUGIN, assert_gone, read_pids, running
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 
 
-@pytest.fixture(autouse=True)
-def _fast_inner_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
-
-
-@pytest.fixture
-def pidlog(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A file the inner test bodies append ``tag pid`` lines to (``pidlog.log(tag)``)."""
-    path = pytester.path / "pids.txt"
-    pytester.makepyfile(pidlog=PIDLOG)
-    monkeypatch.setenv("PIDLOG", str(path))
-    return path
+pytestmark = pytest.mark.usefixtures("no_plugin_autoload")
 
 
 def run(pytester: pytest.Pytester, *args: str, timeout: float = 60) -> pytest.RunResult:
@@ -86,7 +55,7 @@ def test_module_worker_is_shared_and_module_fixture_set_up_once(
 ) -> None:
     setups = pytester.path / "setups.txt"
     pytester.makeconftest(
-        PARENT_FIXTURE
+        PARENT_CONFTEST
         + textwrap.dedent(
             f"""
             import os
@@ -145,7 +114,7 @@ from dataclasses import dataclass
 
 import pytest
 import helper
-{PARENT_FIXTURE}
+{PARENT_CONFTEST}
 
 @dataclass(frozen=True)
 class Point:
@@ -531,7 +500,7 @@ def test_importlib_mode_same_basename_in_two_directories(pytester: pytest.Pytest
 
 def test_subprocess_flag_isolates_functions_only(pytester: pytest.Pytester, pidlog: Path) -> None:
     pytester.makeconftest(
-        PARENT_FIXTURE
+        PARENT_CONFTEST
         + textwrap.dedent(
             """
             class LoggingItem(pytest.Item):
@@ -579,7 +548,7 @@ def test_subprocess_flag_isolates_functions_only(pytester: pytest.Pytester, pidl
 def test_marked_unittest_method_is_isolated_or_said_not_to_be(
     pytester: pytest.Pytester, pidlog: Path
 ) -> None:
-    pytester.makeconftest(PARENT_FIXTURE)
+    pytester.makeconftest(PARENT_CONFTEST)
     pytester.makepyfile(
         test_unit="""
         import unittest

@@ -18,41 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from _inner import assert_gone, read_pids
+from _inner import PARENT_CONFTEST, PLUGIN, assert_gone, read_pids
 
-PLUGIN = ("-p", "pytest_subproc.plugin")
-
-PIDLOG = """
-import os
-
-def log(tag):
-    with open(os.environ["PIDLOG"], "a") as f:
-        f.write(f"{tag} {os.getpid()}\\n")
-"""
-
-# Logs the inner pytest's own pid: fixtures run in the parent, not in a worker.
-PARENT_CONFTEST = """
-import pytest
-import pidlog
-
-@pytest.fixture(autouse=True, scope="session")
-def _log_parent():
-    pidlog.log("parent")
-"""
-
-
-@pytest.fixture(autouse=True)
-def _fast_inner_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
-
-
-@pytest.fixture
-def pidlog(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A file the inner test bodies append ``tag pid`` lines to (``pidlog.log(tag)``)."""
-    path = pytester.path / "pids.txt"
-    pytester.makepyfile(pidlog=PIDLOG)
-    monkeypatch.setenv("PIDLOG", str(path))
-    return path
+pytestmark = pytest.mark.usefixtures("no_plugin_autoload")
 
 
 def run(pytester: pytest.Pytester, *args: str, timeout: float = 60) -> pytest.RunResult:

@@ -16,6 +16,7 @@ before anything else and must stay light.
 from __future__ import annotations
 
 import dis
+import functools
 import io
 import itertools
 import keyword
@@ -535,29 +536,9 @@ def _position(record: _FrameRecord, at: int) -> _Position | None:
     return (at, end, col, end_col)
 
 
-_CODE_CACHE: dict[tuple[Any, ...], tuple[types.CodeType, int]] = {}
-_CODE_CACHE_SIZE = 2048
 # Farthest a failing line may sit below its def line and still be compiled
 # there (each line between costs a character of source).
 _MAX_SPAN = 100_000
-
-
-def _code_at(
-    filename: str,
-    first: int,
-    lineno: int,
-    name: str,
-    position: _Position | None,
-    parameters: tuple[str, ...],
-) -> tuple[types.CodeType, int]:
-    """(code, offset of an instruction on lineno) of a generator function named name."""
-    key = (filename, first, lineno, name, position, parameters)
-    cached = _CODE_CACHE.get(key)
-    if cached is None:
-        if len(_CODE_CACHE) >= _CODE_CACHE_SIZE:
-            _CODE_CACHE.clear()
-        cached = _CODE_CACHE[key] = _compile_code(*key)
-    return cached
 
 
 def _compile_code(
@@ -581,6 +562,11 @@ def _compile_code(
         code = code.replace(co_name=name)
     offset = next(start for start, line in dis.findlinestarts(code) if line == lineno)
     return _with_position(code, offset // 2, position), offset
+
+
+# (code, offset of an instruction on lineno) of a generator function named
+# name; the same worker frame recurs across tests, so each is compiled once.
+_code_at = functools.lru_cache(maxsize=2048)(_compile_code)
 
 
 def _with_position(code: types.CodeType, unit: int, position: _Position | None) -> types.CodeType:

@@ -763,14 +763,14 @@ def test_unusual_line_numbers(lineno: int, first: int, compiled_at: int) -> None
     assert traceback.extract_tb(tb)[0].lineno == shown
 
 
-def test_compiled_frames_are_cached(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_errors, "_CODE_CACHE", {})
+def test_compiled_frames_are_cached() -> None:
+    _errors._code_at.cache_clear()
     data = dump_exception(raised(caller_of_helper))
     load_exception(data)
-    size = len(_errors._CODE_CACHE)
+    size = _errors._code_at.cache_info().currsize
     assert size == 3
     load_exception(data)
-    assert len(_errors._CODE_CACHE) == size
+    assert _errors._code_at.cache_info().currsize == size
 
 
 def test_failure_to_rebuild_frames_keeps_the_revival(monkeypatch: pytest.MonkeyPatch) -> None:

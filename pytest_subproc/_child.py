@@ -13,7 +13,6 @@ import faulthandler
 import io
 import linecache
 import os
-import pickle
 import signal
 import sys
 import textwrap
@@ -21,12 +20,11 @@ import threading
 from collections.abc import Iterator
 from typing import IO, Any, Callable, Optional
 
-from pytest_subproc import _errors, _wire
+from pytest_subproc import _codec, _errors, _wire
 from pytest_subproc._wire import Kind
 
 # The parent's cwd: we start elsewhere (where this package lives) and move there.
 CWD_ENV = "PYTEST_SUBPROC_CWD"
-PICKLE_PROTOCOL = 5 if sys.version_info >= (3, 8) else 4
 
 
 def check_name(name: object) -> str:
@@ -100,18 +98,18 @@ class Server:
         """Loop until the parent asks us to stop or closes the request pipe."""
         while True:
             try:
-                kind, payload = _wire.recv(self.req_fd)
+                kind, parts = _wire.recv_parts(self.req_fd)
             except _wire.WireClosed:
                 return
             if kind == Kind.SHUTDOWN:
                 return
-            self.reply(*self.handle(kind, payload))
+            self.reply(*self.handle(kind, parts))
 
-    def handle(self, kind: int, payload: bytearray) -> tuple[int, bytes]:
-        """Run one request and return the reply (kind, payload); never raises."""
+    def handle(self, kind: int, parts: list[bytearray]) -> tuple[int, list[_wire.Buffer]]:
+        """Run one request and return the reply (kind, parts); never raises."""
         self.reset_stdio()
         try:
-            timeout, context, args = pickle.loads(payload)
+            timeout, context, args = _codec.loads(parts)
             handler: Callable[..., Any] = getattr(self, f"on_{Kind(kind).name.lower()}")
             self.arm(timeout)
             try:
@@ -119,17 +117,17 @@ class Server:
                     result = handler(*args)
             finally:
                 faulthandler.cancel_dump_traceback_later()
-            return Kind.OK, pickle.dumps(result, protocol=PICKLE_PROTOCOL)
+            return Kind.OK, _codec.dumps(result)
         except BaseException as exc:
-            return Kind.ERROR, _errors.dump_exception(exc)
+            return Kind.ERROR, [_errors.dump_exception(exc)]
 
-    def reply(self, kind: int, payload: bytes) -> None:
+    def reply(self, kind: int, parts: list[_wire.Buffer]) -> None:
         """Flush this request's output, then send its reply."""
         # Flushing first makes the output belong to this request, not the next.
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
-        _wire.send(self.rep_fd, kind, payload)
+        _wire.send_parts(self.rep_fd, kind, parts)
 
     def arm(self, timeout: Optional[float]) -> None:
         """Dump every thread's stack when the request overruns its timeout.
@@ -203,7 +201,7 @@ def main(argv: list[str]) -> None:
     faulthandler.enable(file=fault, all_threads=True)
     _move_to_parent_cwd()
     watch_parent(life_fd)
-    _wire.send(rep_fd, Kind.READY, pickle.dumps(os.getpid()))
+    _wire.send_parts(rep_fd, Kind.READY, [])
     Server(req_fd, rep_fd, fault).serve()
 
 

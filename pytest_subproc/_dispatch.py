@@ -16,7 +16,7 @@ from typing import Any, Optional
 import pytest
 
 from pytest_subproc import _compat, _errors, _runbody
-from pytest_subproc._child import PICKLE_PROTOCOL
+from pytest_subproc._codec import PROTOCOL as PICKLE_PROTOCOL
 from pytest_subproc._exceptions import WorkerCrashed, WorkerTimeout
 from pytest_subproc._process import Worker
 from pytest_subproc._settings import MARKER, Defaults, Settings, for_item

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from typing import Any, Optional
 import psutil
 
 import pytest_subproc
-from pytest_subproc import _child, _errors, _wire
+from pytest_subproc import _child, _codec, _errors, _wire
 from pytest_subproc._exceptions import WorkerCrashed, WorkerStartError, WorkerTimeout
 from pytest_subproc._wire import Kind
 
@@ -112,11 +111,16 @@ class CaptureFile:
             os.close(fd)
             os.unlink(path)
 
+    dirty = False  # whether the last read found anything to clear
+
     def clear(self) -> None:
-        os.ftruncate(self.fd, 0)
+        if self.dirty:  # ftruncate costs more than the whole rest of a small request
+            os.ftruncate(self.fd, 0)
+            self.dirty = False
 
     def read(self) -> str:
         size = os.fstat(self.fd).st_size
+        self.dirty = size > 0
         chunks, offset = [], 0
         while offset < size:
             chunk = os.pread(self.fd, size - offset, offset)
@@ -200,7 +204,7 @@ class Worker:
         self.starts += 1
         deadline = _monotonic() + self.start_timeout
         try:
-            kind, _ = _wire.recv(self._rep, deadline)
+            kind, _ = _wire.recv_parts(self._rep, deadline)
             if kind != Kind.READY:
                 raise _wire.WireCorrupt(f"expected READY, got kind {kind}")
         except _wire.WireError as exc:
@@ -256,12 +260,12 @@ class Worker:
             self.start()
         for f in self._files.values():
             f.clear()
-        payload = pickle.dumps((timeout, context, args), protocol=_child.PICKLE_PROTOCOL)
+        parts = _codec.dumps((timeout, context, args))
         started = _monotonic()
         deadline = None if timeout is None else started + timeout + BACKSTOP
         try:
-            _wire.send(self._req, kind, payload, deadline)
-            rkind, data = _wire.recv(self._rep, deadline)
+            _wire.send_parts(self._req, kind, parts, deadline)
+            rkind, data = _wire.recv_parts(self._rep, deadline)
         except _wire.WireTimeout:
             return self._reply(error=self._timed_out(timeout, killed=True))
         except _wire.WireClosed:
@@ -272,8 +276,11 @@ class Worker:
             self._kill_tree()
             raise
         if rkind == Kind.ERROR:
-            return self._reply(error=_errors.load_exception(bytes(data)))
-        return self._reply(value=pickle.loads(data))
+            return self._reply(error=_errors.load_exception(bytes(data[0])))
+        try:
+            return self._reply(value=_codec.loads(data))
+        except Exception as exc:  # e.g. a class the parent cannot import
+            return self._reply(error=exc)
 
     def _reply(self, value: Any = None, error: Optional[BaseException] = None) -> Reply:
         return Reply(value, error, self._read("stdout"), self._read("stderr"))
@@ -384,7 +391,7 @@ class Worker:
             # process group can no longer be found.
             descendants = self._descendants()
             with contextlib.suppress(_wire.WireError, OSError):
-                _wire.send(self._req, Kind.SHUTDOWN, b"", _monotonic() + SHUTDOWN_GRACE)
+                _wire.send_parts(self._req, Kind.SHUTDOWN, [], _monotonic() + SHUTDOWN_GRACE)
             self._exited(SHUTDOWN_GRACE)
             self._kill_tree()
             _kill_all(descendants)

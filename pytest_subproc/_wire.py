@@ -16,6 +16,7 @@ import struct
 import sys
 import time
 import zlib
+from collections.abc import Sequence
 from typing import Optional, Union
 
 MAGIC = b"\xa5S"
@@ -171,6 +172,68 @@ def recv(fd: int, deadline: Optional[float] = None) -> tuple[int, bytearray]:
         raise
     except WireClosed as exc:
         raise WireTruncated(f"end of file after a header announcing {length} bytes") from exc
+
+
+# A multi-part message's payload starts with a table: the part count, then
+# each part's length. Parts are written from their own buffers and read into
+# buffers of their own, so a large part is never joined or split by copying.
+_COUNT = struct.Struct("<I")
+_LENGTH = struct.Struct("<Q")
+
+
+def send_parts(
+    fd: int, kind: int, parts: Sequence[Buffer], deadline: Optional[float] = None
+) -> None:
+    """Send one message made of ``parts``; recv_parts gives them back apart."""
+    sizes = [memoryview(part).nbytes for part in parts]
+    table = _COUNT.pack(len(parts)) + b"".join(_LENGTH.pack(n) for n in sizes)
+    header = encode_header(kind, len(table) + sum(sizes))
+    small = [bytes(part) for part, n in zip(parts, sizes) if n <= _JOIN_LIMIT]
+    if len(small) == len(parts) and sum(sizes) <= _JOIN_LIMIT:
+        write_all(fd, b"".join([header, table, *small]), deadline)
+        return
+    write_all(fd, header + table, deadline)
+    for part in parts:
+        write_all(fd, part, deadline)
+
+
+def recv_parts(fd: int, deadline: Optional[float] = None) -> tuple[int, list[bytearray]]:
+    """Receive one message sent by send_parts, as (kind, parts)."""
+    kind, length = decode_header(read_exact(fd, HEADER.size, deadline))
+    try:
+        if length <= _JOIN_LIMIT:
+            # Small: one read for the whole payload, then cut it up.
+            return kind, _split(read_exact(fd, length, deadline))
+        (count,) = _COUNT.unpack(read_exact(fd, _COUNT.size, deadline))
+        sizes = _sizes(read_exact(fd, count * _LENGTH.size, deadline), count)
+        if _COUNT.size + count * _LENGTH.size + sum(sizes) != length:
+            raise WireCorrupt(f"a part table of {count} parts does not add up to {length} bytes")
+        return kind, [read_exact(fd, n, deadline) for n in sizes]
+    except WireTruncated:
+        raise
+    except WireClosed as exc:
+        raise WireTruncated(f"end of file inside a message of {length} bytes") from exc
+
+
+def _sizes(table: Buffer, count: int) -> list[int]:
+    return [_LENGTH.unpack_from(table, i * _LENGTH.size)[0] for i in range(count)]
+
+
+def _split(payload: bytearray) -> list[bytearray]:
+    if len(payload) < _COUNT.size:
+        raise WireCorrupt("a message too short for its part table")
+    (count,) = _COUNT.unpack_from(payload)
+    start = _COUNT.size + count * _LENGTH.size
+    if start > len(payload):
+        raise WireCorrupt(f"a part table of {count} parts overruns its message")
+    sizes = _sizes(memoryview(payload)[_COUNT.size : start], count)
+    if start + sum(sizes) != len(payload):
+        raise WireCorrupt(f"a part table of {count} parts does not add up to {len(payload)} bytes")
+    parts = []
+    for n in sizes:
+        parts.append(payload[start : start + n])
+        start += n
+    return parts
 
 
 class Kind(enum.IntEnum):

@@ -979,3 +979,55 @@ def test_subprocess_dying_inside_a_message_is_truncated(
     with pytest.raises(WireTruncated):
         recv(child.from_child)
     assert child.proc.wait(timeout=JOIN_TIMEOUT) == -signal.SIGKILL
+
+
+# --- multi-part messages --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[], [0], [1, 2, 3], [(1 << 16) - 1, 1], [1 << 16, 0, 5], [3 << 20, 7, 1 << 20]],
+    ids=["none", "one empty", "small", "just small", "just large", "large"],
+)
+def test_parts_round_trip_apart(pipe: Pipe, sizes: list[int]) -> None:
+    """Each part comes back as a buffer of its own, whatever the sizes."""
+    parts = [pattern(n, seed=i) for i, n in enumerate(sizes)]
+    reader = Worker(_wire.recv_parts, pipe.r)
+    _wire.send_parts(pipe.w, 9, parts)
+    kind, got = reader.join()
+    assert kind == 9
+    assert [len(p) for p in got] == sizes
+    assert all(first_difference(g, p) is None for g, p in zip(got, parts))
+
+
+def test_parts_and_plain_messages_interleave(pipe: Pipe) -> None:
+    reader = Worker(lambda: [_wire.recv_parts(pipe.r), _wire.recv(pipe.r)])
+    _wire.send_parts(pipe.w, 1, [b"ab", b"c"])
+    _wire.send(pipe.w, 2, b"plain")
+    (kind, parts), plain = reader.join()
+    assert (kind, [bytes(p) for p in parts]) == (1, [b"ab", b"c"])
+    assert plain == (2, bytearray(b"plain"))
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["small", "large"])
+def test_a_part_table_that_does_not_add_up_is_corrupt(pipe: Pipe, large: bool) -> None:
+    body = b"x" * ((1 << 17) if large else 10)
+    table = struct.pack("<IQ", 1, len(body) + 1)  # claims one byte more than it carries
+    _wire.write_all(pipe.w, _wire.encode_header(3, len(table) + len(body)) + table + body)
+    with pytest.raises(WireCorrupt):
+        _wire.recv_parts(pipe.r)
+
+
+def test_a_part_table_overrunning_its_message_is_corrupt(pipe: Pipe) -> None:
+    table = struct.pack("<I", 1000)  # 1000 lengths announced, none present
+    _wire.write_all(pipe.w, _wire.encode_header(3, len(table)) + table)
+    with pytest.raises(WireCorrupt):
+        _wire.recv_parts(pipe.r)
+
+
+def test_end_of_file_inside_a_large_part_is_truncation(pipe: Pipe) -> None:
+    table = struct.pack("<IQ", 1, 1 << 17)
+    _wire.write_all(pipe.w, _wire.encode_header(4, len(table) + (1 << 17)) + table + b"a" * 100)
+    pipe.close_w()
+    with pytest.raises(WireTruncated):
+        _wire.recv_parts(pipe.r)

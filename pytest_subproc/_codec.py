@@ -1,0 +1,65 @@
+"""Values to and from message parts: pickle, with large byte strings kept apart.
+
+A large bytes or bytearray travels as a message part of its own: it is
+written straight from the object and read straight into a buffer of its own,
+so the pickle stream never holds (and copies) its data.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any, Optional
+
+from pytest_subproc._wire import Buffer
+
+PROTOCOL = 5
+# Below this, a byte string costs less inside the stream than as a part.
+_APART = 1 << 16
+
+
+class _Pickler(pickle.Pickler):
+    def __init__(self, stream: io.BytesIO, parts: list[Buffer]) -> None:
+        super().__init__(stream, PROTOCOL)
+        self.parts = parts
+        self.index: dict[int, int] = {}  # id of a byte string sent apart -> its part
+
+    def persistent_id(self, obj: Any) -> Optional[tuple[str, int]]:
+        # Called for every object, bytes included (reducer_override is not).
+        kind = type(obj)
+        if (kind is bytes or kind is bytearray) and len(obj) >= _APART:
+            # The same object twice is one part, so identity survives as with the memo.
+            if id(obj) not in self.index:
+                self.index[id(obj)] = len(self.parts)
+                self.parts.append(obj)
+            return ("bytes" if kind is bytes else "bytearray", self.index[id(obj)])
+        return None
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, parts: list[bytearray]) -> None:
+        super().__init__(io.BytesIO(parts[0]))
+        self.parts = parts
+        self.built: dict[int, Any] = {}
+
+    def persistent_load(self, pid: Any) -> Any:
+        kind, index = pid
+        if index not in self.built:
+            part = self.parts[index]
+            # A bytearray is its part itself; bytes needs one copy, being immutable.
+            self.built[index] = part if kind == "bytearray" else bytes(part)
+        return self.built[index]
+
+
+def dumps(obj: Any) -> list[Buffer]:
+    """Return the parts that carry ``obj``: the pickle stream, then large byte strings."""
+    stream = io.BytesIO()
+    parts: list[Buffer] = [b""]
+    _Pickler(stream, parts).dump(obj)
+    parts[0] = stream.getbuffer()
+    return parts
+
+
+def loads(parts: list[bytearray]) -> Any:
+    """Rebuild the value that dumps() split into ``parts``."""
+    return _Unpickler(parts).load()

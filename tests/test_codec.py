@@ -1,0 +1,67 @@
+"""Values to and from message parts: large byte strings travel apart, exactly."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import enum
+
+import pytest
+
+from pytest_subproc import _codec
+
+
+class Colour(enum.Enum):
+    RED = 1
+
+
+def round_trip(value: object) -> tuple[object, list[bytearray]]:
+    parts = [bytearray(p) for p in _codec.dumps(value)]
+    return _codec.loads(parts), parts
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, 0, "text", (1, [2, {3: b"x"}]), datetime.date(2026, 1, 2), decimal.Decimal("1.5")],
+)
+def test_small_values_are_one_part(value: object) -> None:
+    back, parts = round_trip(value)
+    assert back == value
+    assert len(parts) == 1
+
+
+def test_large_byte_strings_travel_apart_and_keep_their_type() -> None:
+    big, mutable = bytes(range(256)) * 1024, bytearray(b"m" * (1 << 17))
+    back, parts = round_trip({"b": big, "a": mutable, "e": Colour.RED})
+    assert [len(p) for p in parts[1:]] == [len(big), len(mutable)]
+    assert type(back["b"]) is bytes
+    assert back["b"] == big
+    assert type(back["a"]) is bytearray
+    assert back["a"] == mutable
+    assert back["e"] is Colour.RED
+    assert len(parts[0]) < 200  # the stream holds none of the data
+
+
+def test_a_received_bytearray_is_its_part_no_copy() -> None:
+    back, parts = round_trip(bytearray(1 << 17))
+    assert back is parts[1]
+
+
+def test_the_same_object_twice_is_one_part_and_stays_one_object() -> None:
+    big = b"z" * (1 << 17)
+    back, parts = round_trip([big, big, bytearray(big)])
+    assert len(parts) == 3
+    assert back[0] is back[1]
+    assert back[2] == big
+    assert back[2] is not back[0]
+
+
+class Tagged(bytes):
+    pass
+
+
+def test_byte_string_subclasses_keep_their_type() -> None:
+    value = Tagged(b"t" * (1 << 17))
+    back, _ = round_trip(value)
+    assert type(back) is Tagged
+    assert back == value

@@ -58,27 +58,72 @@ def watch_parent(life_fd: int) -> None:
     threading.Thread(target=wait, name="pytest_subproc-lifeline", daemon=True).start()
 
 
+class Environ:
+    """Sets os.environ to the parent's for a call and back, touching only what differs.
+
+    Clearing and refilling os.environ costs hundreds of microseconds per call,
+    more than the rest of a small test; usually only a variable or two differ.
+    """
+
+    def __init__(self) -> None:
+        self._mirror: dict[str, str] = {}
+        self._raw: object = None  # os.environ's data when the mirror was taken
+
+    def _current(self) -> dict[str, str]:
+        raw = getattr(os.environ, "_data", None)
+        if raw is None or raw != self._raw:  # changed behind our back: look again
+            self._mirror = dict(os.environ)
+            self._raw = dict(raw) if raw is not None else None
+        return self._mirror
+
+    def update(self, target: dict[str, Optional[str]]) -> dict[str, Optional[str]]:
+        """Set these variables (None: unset); return what undoes it."""
+        current = self._current()
+        undo = {}
+        for key, value in target.items():
+            if current.get(key) != value:
+                undo[key] = current.get(key)
+                if value is None:
+                    del os.environ[key]
+                else:
+                    os.environ[key] = value
+        mirror = dict(current)
+        for key, value in target.items():
+            if value is None:
+                mirror.pop(key, None)
+            else:
+                mirror[key] = value
+        self._mirror = mirror
+        raw = getattr(os.environ, "_data", None)
+        self._raw = dict(raw) if raw is not None else None
+        return undo
+
+    def become(self, env: dict[str, str]) -> dict[str, Optional[str]]:
+        """Make os.environ equal ``env``; return what undoes it."""
+        target: dict[str, Optional[str]] = dict(env)
+        target.update(dict.fromkeys(self._current().keys() - env.keys()))
+        return self.update(target)
+
+
 @contextlib.contextmanager
-def applied(context: Optional[dict[str, Any]]) -> Iterator[None]:
+def applied(environ: Environ, context: Optional[dict[str, Any]]) -> Iterator[None]:
     """Apply the parent's environment, cwd and sys.path for one call, then restore ours."""
     if not context:
         yield
         return
-    saved_env, saved_cwd, saved_path = dict(os.environ), os.getcwd(), list(sys.path)
+    saved_cwd, saved_path = os.getcwd(), list(sys.path)
+    undo = environ.become(context["env"]) if "env" in context else {}
     try:
-        if "env" in context:
-            os.environ.clear()
-            os.environ.update(context["env"])
-        if "cwd" in context:
+        if context.get("cwd", saved_cwd) != saved_cwd:
             os.chdir(context["cwd"])
         if "path" in context:
             sys.path[:] = context["path"]
         yield
     finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
-        with contextlib.suppress(OSError):
-            os.chdir(saved_cwd)
+        environ.update(undo)
+        if os.getcwd() != saved_cwd:
+            with contextlib.suppress(OSError):
+                os.chdir(saved_cwd)
         sys.path[:] = saved_path
 
 
@@ -90,6 +135,7 @@ class Server:
         self.rep_fd = rep_fd
         self.fault = fault
         self.namespace: dict[str, Any] = {"__name__": "__subworker__"}
+        self.environ = Environ()
         # Copies of the capture fds, so a body that closes 1 or 2 cannot take
         # output away from the requests after it.
         self.stdio = (os.dup(1), os.dup(2))
@@ -113,7 +159,7 @@ class Server:
             handler: Callable[..., Any] = getattr(self, f"on_{Kind(kind).name.lower()}")
             self.arm(timeout)
             try:
-                with applied(context):
+                with applied(self.environ, context):
                     result = handler(*args)
             finally:
                 faulthandler.cancel_dump_traceback_later()
@@ -172,7 +218,7 @@ class Server:
         return fn(*args, **kwargs)
 
 
-def _move_to_parent_cwd() -> None:
+def move_to_parent_cwd() -> None:
     cwd = os.environ.pop(CWD_ENV, None)
     if cwd is None:
         return
@@ -188,9 +234,8 @@ def _close_fds(*fds: int) -> None:
             os.close(fd)
 
 
-def main(argv: list[str]) -> None:
-    """Start-up: take the fds, arm faulthandler, say ready, serve."""
-    req_fd, rep_fd, life_fd, fault_fd = (int(a) for a in argv[1:5])
+def serve_worker(req_fd: int, rep_fd: int, life_fd: int, fault_fd: int) -> None:
+    """Take the fds, arm faulthandler, watch the parent, say ready, serve."""
     for fd in (req_fd, rep_fd, life_fd, fault_fd):
         os.set_inheritable(fd, False)  # our own subprocesses must not hold them
     if hasattr(os, "register_at_fork"):
@@ -199,10 +244,15 @@ def main(argv: list[str]) -> None:
         os.register_at_fork(after_in_child=lambda: _close_fds(req_fd, rep_fd, life_fd))
     fault = open(fault_fd, "w", closefd=False)  # noqa: SIM115 - lives as long as we do
     faulthandler.enable(file=fault, all_threads=True)
-    _move_to_parent_cwd()
     watch_parent(life_fd)
     _wire.send_parts(rep_fd, Kind.READY, [])
     Server(req_fd, rep_fd, fault).serve()
+
+
+def main(argv: list[str]) -> None:
+    """A spawned worker: move to the parent's cwd, then serve."""
+    move_to_parent_cwd()
+    serve_worker(*(int(a) for a in argv[1:5]))
 
 
 if __name__ == "__main__":

@@ -178,6 +178,8 @@ def install_assert_explanations(verbosity: int) -> None:
     """Make rewritten asserts explain comparisons (list and dict diffs) as under pytest."""
     from _pytest.assertion import util
 
+    if getattr(util._reprcompare, "verbosity", None) == verbosity:
+        return  # installed by an earlier test in this worker
     compare = _comparer(util, verbosity)
 
     def explain(op: str, left: object, right: object) -> Any:
@@ -189,4 +191,5 @@ def install_assert_explanations(verbosity: int) -> None:
             return None
         return "\n~".join(line.replace("\n", "\\n") for line in lines).replace("%", "%%")
 
+    explain.verbosity = verbosity  # type: ignore[attr-defined]
     util._reprcompare = explain

@@ -18,9 +18,10 @@ import pytest
 from pytest_subproc import _compat, _errors, _runbody
 from pytest_subproc._codec import PROTOCOL as PICKLE_PROTOCOL
 from pytest_subproc._exceptions import WorkerCrashed, WorkerTimeout
-from pytest_subproc._process import Worker
+from pytest_subproc._process import PACKAGE_ROOT, Worker, child_env
 from pytest_subproc._settings import MARKER, Defaults, Settings, for_item
 from pytest_subproc._subworker import relay_output
+from pytest_subproc._template import Template
 from pytest_subproc._wire import Kind
 
 SETTINGS = pytest.StashKey[Settings]()
@@ -64,6 +65,7 @@ class Runtime:
     restarts: int = 0
     live: list[Worker] = field(default_factory=list)
     casualties: list[tuple[str, str]] = field(default_factory=list)
+    template: Optional[Template] = None
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Runtime:
@@ -97,7 +99,9 @@ class Runtime:
 
     def new_worker(self) -> Worker:
         """Return a worker for one scope instance; it starts on first use."""
-        worker = Worker(capture=self.capture)
+        if self.template is None and self.defaults.start == "fork":
+            self.template = Template(child_env(), PACKAGE_ROOT)
+        worker = Worker(capture=self.capture, template=self.template)
         self.live.append(worker)
         return worker
 
@@ -115,6 +119,9 @@ class Runtime:
         """Close every worker still open (the run is ending, maybe on Ctrl-C)."""
         for worker in list(self.live):
             self.retire(worker)
+        if self.template is not None:
+            self.template.close()
+            self.template = None
 
     def run(self, item: pytest.Function) -> None:
         """Run the item's body in its worker and raise what it raised."""

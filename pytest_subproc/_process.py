@@ -17,13 +17,14 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import psutil
 
 import pytest_subproc
 from pytest_subproc import _child, _codec, _errors, _wire
 from pytest_subproc._exceptions import WorkerCrashed, WorkerStartError, WorkerTimeout
+from pytest_subproc._template import ForkedProcess, Template
 from pytest_subproc._wire import Kind
 
 # Clocks taken at import, so tests that mock ``time`` cannot disturb deadlines.
@@ -151,7 +152,7 @@ class Reply:
         return self.value
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTHONINSPECT", None)  # would turn the worker into an interactive prompt
     env[_child.CWD_ENV] = os.getcwd()
@@ -161,7 +162,7 @@ def _child_env() -> dict[str, str]:
 # The worker starts in the folder this package was imported from, so that
 # ``python -m`` finds this very package (not one that happens to sit in the
 # parent's cwd); it then moves to the parent's cwd.
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pytest_subproc.__file__)))
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pytest_subproc.__file__)))
 
 
 class Worker:
@@ -170,11 +171,18 @@ class Worker:
     Not thread-safe: one request at a time.
     """
 
-    def __init__(self, *, capture: bool = True, start_timeout: float = START_TIMEOUT) -> None:
+    def __init__(
+        self,
+        *,
+        capture: bool = True,
+        start_timeout: float = START_TIMEOUT,
+        template: Optional[Template] = None,
+    ) -> None:
         self.capture = capture
         self.start_timeout = start_timeout
+        self.template = template
         self.starts = 0
-        self._proc: Optional[subprocess.Popen[bytes]] = None
+        self._proc: Optional[Union[subprocess.Popen[bytes], ForkedProcess]] = None
         self._files: dict[str, CaptureFile] = {}
         self._req = self._rep = self._life = -1
 
@@ -215,6 +223,9 @@ class Worker:
         self._rep, rep_w = _wire.make_pipe()
         life_r, self._life = os.pipe()
         fault = self._files["fault"].fd
+        if self.template is not None:
+            self._fork(req_r, rep_w, life_r, fault)
+            return
         # -u: output written just before a crash must not die in a buffer.
         cmd = [sys.executable, "-u", "-m", "pytest_subproc._child"]
         cmd += [str(fd) for fd in (req_r, rep_w, life_r, fault)]
@@ -227,12 +238,24 @@ class Worker:
                 stderr=err,
                 pass_fds=(req_r, rep_w, life_r, fault),
                 start_new_session=True,
-                env=_child_env(),
-                cwd=_PACKAGE_ROOT,
+                env=child_env(),
+                cwd=PACKAGE_ROOT,
             )
         finally:
             for fd in (req_r, rep_w, life_r):
                 os.close(fd)  # the worker's ends: holding them would hide its death
+        os.set_blocking(self._req, False)
+        os.set_blocking(self._rep, False)
+
+    def _fork(self, req_r: int, rep_w: int, life_r: int, fault: int) -> None:
+        assert self.template is not None
+        std = [self._files[n].fd for n in ("stdout", "stderr")] if self.capture else []
+        try:
+            pid = self.template.fork([req_r, rep_w, life_r, fault, *std], child_env(), os.getcwd())
+        finally:
+            for fd in (req_r, rep_w, life_r):
+                os.close(fd)  # the worker's ends: holding them would hide its death
+        self._proc = ForkedProcess(pid, self.template)
         os.set_blocking(self._req, False)
         os.set_blocking(self._rep, False)
 
@@ -319,6 +342,8 @@ class Worker:
     def _exited(self, wait: float) -> bool:
         """Wait up to ``wait`` s for the worker to exit, without reaping it."""
         assert self._proc is not None
+        if isinstance(self._proc, ForkedProcess):
+            return self._proc.exited(wait)
         if not hasattr(os, "waitid"):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(wait)

@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 import pytest
 
+from pytest_subproc._template import fork_supported
+
 MARKER = "subprocess"
 SCOPES = ("session", "module", "function")
 DEFAULT_SCOPE = "module"
@@ -16,6 +18,10 @@ DEFAULT_SCOPE = "module"
 ALL_HELP = "Run every Python test function in a subprocess worker."
 SCOPE_HELP = (
     "Life of a subprocess worker: 'session', 'module' (default) or 'function' (one per test)."
+)
+START_HELP = (
+    "How workers start: 'fork' them from a template process that has imported pytest "
+    "(default where the platform allows) or 'spawn' a fresh interpreter for each."
 )
 TIMEOUT_HELP = "Timeout in seconds for one test body run in a subprocess worker (default: none)."
 MARKER_HELP = (
@@ -60,6 +66,22 @@ def parse_timeout(value: object, origin: str) -> Optional[float]:
     return None if math.isinf(seconds) else seconds
 
 
+def default_start() -> str:
+    """Fork workers from a template where the platform can, else spawn each."""
+    return "fork" if fork_supported() else "spawn"
+
+
+def parse_start(value: object, origin: str) -> str:
+    """Return a valid start method or raise a UsageError naming ``origin``."""
+    if value == "spawn" or (value == "fork" and fork_supported()):
+        return str(value)
+    if value == "fork":
+        raise pytest.UsageError(f"Subprocess start method 'fork' from {origin} needs POSIX")
+    raise pytest.UsageError(
+        f"Invalid subprocess start method {value!r} from {origin}; expected fork or spawn"
+    )
+
+
 def parse_bool(value: object, origin: str) -> bool:
     """Return an ini boolean, or raise a UsageError naming ``origin``."""
     if isinstance(value, bool):
@@ -79,6 +101,7 @@ class Defaults:
     isolate_all: bool
     scope: str
     timeout: Optional[float]
+    start: str = "fork"
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Defaults:
@@ -88,6 +111,7 @@ class Defaults:
             or parse_bool(config.getini("subprocess_all"), "ini subprocess_all"),
             scope=_option(config, "scope", parse_scope, DEFAULT_SCOPE),
             timeout=_option(config, "timeout", parse_timeout, None),
+            start=_option(config, "start", parse_start, default_start()),
         )
 
 

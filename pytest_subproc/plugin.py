@@ -23,10 +23,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--subprocess-scope", dest="subprocess_scope", help=_settings.SCOPE_HELP)
     group.addoption("--subprocess-timeout", dest="subprocess_timeout", help=_settings.TIMEOUT_HELP)
+    group.addoption(
+        "--subprocess-start",
+        dest="subprocess_start",
+        choices=("fork", "spawn"),
+        help=_settings.START_HELP,
+    )
     # Parsed by _settings, so a bad value is a usage error naming the key.
     parser.addini("subprocess_all", _settings.ALL_HELP, default="")
     parser.addini("subprocess_scope", _settings.SCOPE_HELP, default="")
     parser.addini("subprocess_timeout", _settings.TIMEOUT_HELP, default="")
+    parser.addini("subprocess_start", _settings.START_HELP, default="")
 
 
 def pytest_configure(config: pytest.Config) -> None:

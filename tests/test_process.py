@@ -153,8 +153,8 @@ def sitecustomize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[
         root = tmp_path / "site"
         root.mkdir()
         (root / "sitecustomize.py").write_text(textwrap.dedent(source))
-        make_env = _process._child_env
-        monkeypatch.setattr(_process, "_child_env", lambda: {**make_env(), "PYTHONPATH": str(root)})
+        make_env = _process.child_env
+        monkeypatch.setattr(_process, "child_env", lambda: {**make_env(), "PYTHONPATH": str(root)})
 
     return make
 

@@ -1,0 +1,152 @@
+"""The parent's side of the template process that forks workers.
+
+Spawning a worker costs a fresh interpreter and ``import pytest``; forking a
+template that has both already costs a few milliseconds. The template is a
+spawned process of its own (the parent never forks), and since the workers
+are its children, it reports their exit codes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Optional
+
+from pytest_subproc import _zygote
+from pytest_subproc._exceptions import WorkerStartError
+
+_monotonic = time.monotonic
+
+START_TIMEOUT = 60.0
+CLOSE_GRACE = 2.0
+
+
+def fork_supported() -> bool:
+    """Whether workers can be forked from a template here (POSIX, fd passing)."""
+    return hasattr(os, "fork") and hasattr(socket, "send_fds") and hasattr(os, "setsid")
+
+
+class Template:
+    """A template process, started on first use and restarted if it dies."""
+
+    def __init__(self, env: dict[str, str], cwd: str) -> None:
+        self._env, self._cwd = env, cwd
+        self._proc: Optional[subprocess.Popen[bytes]] = None
+        self._sock: Optional[socket.socket] = None
+        self._codes: dict[int, int] = {}  # exit codes reported, not yet collected
+
+    def _start(self) -> None:
+        self.close()
+        kind = getattr(socket, "SOCK_SEQPACKET", socket.SOCK_DGRAM)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-u", "-m", "pytest_subproc._zygote", str(theirs.fileno())],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,
+                env=self._env,
+                cwd=self._cwd,
+            )
+        finally:
+            theirs.close()
+        self._sock = ours
+        message = self._next(_monotonic() + START_TIMEOUT)
+        if not (isinstance(message, tuple) and message[0] == "ready"):
+            self.close()
+            raise WorkerStartError(f"the worker template did not start (it said {message!r})")
+
+    def fork(self, fds: list[int], env: dict[str, str], cwd: str) -> int:
+        """Fork a worker that takes ``fds``; return its pid."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+        assert self._sock is not None
+        _zygote.send(self._sock, {"env": env, "cwd": cwd}, tuple(fds))
+        deadline = _monotonic() + START_TIMEOUT
+        while True:
+            message = self._next(deadline)
+            if isinstance(message, tuple) and message[0] == "forked":
+                return int(message[1])
+
+    def exit_code(self, pid: int, wait: float) -> Optional[int]:
+        """Return a worker's exit code once the template has reported it (None: not yet)."""
+        deadline = _monotonic() + wait
+        try:
+            while pid not in self._codes:
+                if self._sock is None or self._next(deadline, block=False) is None:
+                    return None
+        except WorkerStartError:
+            return None  # the template is gone, and what it knew with it
+        return self._codes.pop(pid)
+
+    def _next(self, deadline: float, *, block: bool = True) -> object:
+        """Read one message; exit codes are filed as they come. None on timeout."""
+        assert self._sock is not None
+        left = max(deadline - _monotonic(), 0.0)
+        if not select.select([self._sock], [], [], left)[0]:
+            if block:
+                self.close()
+                raise WorkerStartError("the worker template did not answer in time")
+            return None
+        message, fds = _zygote.recv(self._sock)
+        for fd in fds:
+            os.close(fd)
+        if message is None:
+            self.close()
+            raise WorkerStartError("the worker template exited")
+        if message[0] == "exit":
+            self._codes[message[1]] = message[2]
+        return message
+
+    def close(self) -> None:
+        """Stop the template; the workers it forked live on until their own end."""
+        if self._sock is not None:
+            self._sock.close()  # the template exits when it sees this
+            self._sock = None
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                proc.wait(CLOSE_GRACE)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+class ForkedProcess:
+    """What Worker needs of a Popen, for a worker forked by the template."""
+
+    def __init__(self, pid: int, template: Template) -> None:
+        self.pid = pid
+        self.returncode: Optional[int] = None
+        self._template = template
+        self._code: Optional[int] = None
+
+    def exited(self, wait: float) -> bool:
+        """Whether the worker has exited, waiting up to ``wait`` seconds to learn it."""
+        if self._code is None:
+            self._code = self._template.exit_code(self.pid, wait)
+        return self._code is not None
+
+    def kill(self) -> None:
+        if self._code is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        """Return the exit code; -SIGKILL's code if the template could not tell it."""
+        if not self.exited(START_TIMEOUT if timeout is None else timeout):
+            if timeout is not None:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            self.kill()
+            if not self.exited(CLOSE_GRACE):
+                self._code = -signal.SIGKILL  # what we just sent; the template is gone
+        self.returncode = code = self._code
+        assert code is not None
+        return code

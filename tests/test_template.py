@@ -1,0 +1,133 @@
+"""Workers forked from a template process, and the choice between fork and spawn."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+from _inner import PLUGIN, assert_gone
+
+import pytest_subproc
+from pytest_subproc._child import Environ
+from pytest_subproc._process import PACKAGE_ROOT, Worker, child_env
+from pytest_subproc._subworker import Subworker
+from pytest_subproc._template import Template, fork_supported
+
+needs_fork = pytest.mark.skipif(not fork_supported(), reason="forking needs POSIX")
+
+
+@pytest.fixture
+def template() -> Template:
+    template = Template(child_env(), PACKAGE_ROOT)
+    yield template
+    template.close()
+
+
+@pytest.fixture
+def forked(template: Template) -> Subworker:
+    worker = Worker(template=template)
+    yield Subworker(worker)
+    worker.close()
+
+
+@needs_fork
+def test_a_forked_worker_is_the_templates_child_not_ours(forked: Subworker) -> None:
+    assert forked.call(os.getpid) == forked.pid
+    parent = psutil.Process(forked.pid).ppid()
+    assert parent != os.getpid()
+    assert "pytest_subproc._zygote" in " ".join(psutil.Process(parent).cmdline())
+    # Already imported by the template: the worker did not pay for it.
+    forked.run("import sys; imported = 'pytest' in sys.modules")
+    assert forked.load("imported")
+
+
+@needs_fork
+def test_forked_workers_report_signal_and_exit_code(forked: Subworker) -> None:
+    with pytest.raises(pytest_subproc.WorkerCrashed, match="signal SIGSEGV") as crash:
+        forked.run("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    assert crash.value.signal == "SIGSEGV"
+    with pytest.raises(pytest_subproc.WorkerCrashed, match="exit code 3") as exit3:
+        forked.run("import os; os._exit(3)")
+    assert exit3.value.exitcode == 3
+    forked.run("x = 1")
+    assert forked.load("x") == 1
+
+
+@needs_fork
+def test_a_forked_worker_times_out_with_its_stack(forked: Subworker) -> None:
+    source = "import time\ndef stuck_here():\n    time.sleep(60)\nstuck_here()"
+    with pytest.raises(pytest_subproc.WorkerTimeout) as timeout:
+        forked.run(source, timeout=0.5)
+    assert "stuck_here" in timeout.value.stack
+    pid = timeout.value.pid
+    assert_gone([pid])
+
+
+@needs_fork
+def test_output_of_a_forked_worker_is_captured_per_request(forked: Subworker) -> None:
+    worker = forked._worker
+    reply = worker.request(pytest_subproc._wire.Kind.RUN, ("print('one')", "<t>"))
+    assert reply.stdout == "one\n"
+    reply = worker.request(
+        pytest_subproc._wire.Kind.RUN, ("import sys; sys.stderr.write('two')", "<t>")
+    )
+    assert (reply.stdout, reply.stderr) == ("", "two")
+
+
+@needs_fork
+def test_a_dead_template_is_started_again(template: Template, forked: Subworker) -> None:
+    first = forked.pid
+    forked.run("pass")
+    template.close()
+    forked.restart()
+    assert forked.pid != first
+    forked.run("y = 2")
+    assert forked.load("y") == 2
+
+
+def test_environ_sets_only_what_differs_and_undoes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SUBPROC_KEEP", "1")
+    monkeypatch.setenv("SUBPROC_GONE", "1")
+    environ = Environ()
+    target = {k: v for k, v in os.environ.items() if k != "SUBPROC_GONE"}
+    target["SUBPROC_NEW"] = "2"
+    undo = environ.become(target)
+    assert undo == {"SUBPROC_GONE": "1", "SUBPROC_NEW": None}
+    assert "SUBPROC_GONE" not in os.environ
+    assert os.environ["SUBPROC_NEW"] == "2"
+    os.environ["SUBPROC_KEEP"] = "changed behind its back"
+    assert environ.become(dict(os.environ)) == {}
+    environ.update(undo)
+    assert os.environ["SUBPROC_GONE"] == "1"
+    assert "SUBPROC_NEW" not in os.environ
+
+
+@pytest.mark.usefixtures("no_plugin_autoload")
+@pytest.mark.parametrize("start", ["spawn", pytest.param("fork", marks=needs_fork)])
+def test_either_start_method_runs_marked_tests(pytester: pytest.Pytester, start: str) -> None:
+    pytester.makepyfile(
+        """
+        import os, pytest
+
+        @pytest.mark.subprocess(scope="function")
+        def test_own(): assert os.getpid() != int(os.environ["PARENT_PID"])
+
+        @pytest.mark.subprocess
+        def test_crash(): os._exit(3)
+        """
+    )
+    pytester.makeconftest("import os\nos.environ['PARENT_PID'] = str(os.getpid())\n")
+    result = pytester.runpytest_subprocess(*PLUGIN, f"--subprocess-start={start}")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*worker crashed: exit code 3*"])
+
+
+@pytest.mark.usefixtures("no_plugin_autoload")
+def test_a_bad_start_method_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nsubprocess_start = vfork\n")
+    result = pytester.runpytest_subprocess(*PLUGIN)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*Invalid subprocess start method 'vfork' from ini subprocess_start*"]
+    )

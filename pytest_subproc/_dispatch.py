@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import pickle
 import re
@@ -129,17 +130,36 @@ class Runtime:
         settings = item.stash[SETTINGS]
         worker = item.funcargs[worker_fixture(settings.scope)]
         assert isinstance(worker, Worker)
-        call: tuple[Any, ...] = (_runbody.run_body, (item.stash[SPEC],), {})
         context = {"env": dict(os.environ), "cwd": os.getcwd(), "path": list(sys.path)}
+        spec = item.stash[SPEC]
+        call: tuple[Any, ...] = (_runbody.run_body, (spec,), {})
+        if self.template is not None and not worker.alive:
+            # Imported once in the template, the module comes with every fork.
+            self.template.preload(spec.module_name, spec.module_path, context)
         reply = worker.request(Kind.CALL, call, timeout=settings.timeout, context=context)
         relay_output(reply)
         if isinstance(reply.error, (WorkerCrashed, WorkerTimeout)):
             self.casualties.append((item.nodeid, str(reply.error).partition("\n")[0]))
             # Point the report at the line the worker was on, as for any failure.
             reply.error.__traceback__ = stack_traceback(reply.error.stack, item)
-        if reply.value is not None:
-            _warn_return(item, reply.value)
-        reply.unwrap()
+        result: _runbody.BodyResult = reply.unwrap()
+        replay(result)
+        if result.returned is not None:
+            _warn_return(item, result.returned)
+        if result.error is not None:
+            raise _errors.load_exception(result.error)
+
+
+def replay(result: _runbody.BodyResult) -> None:
+    """Raise the body's warnings and log its records again here, where pytest collects them."""
+    for module, qualname, message, filename, lineno in result.warnings:
+        category = _errors.find_class(module, qualname)
+        if not (isinstance(category, type) and issubclass(category, Warning)):
+            category, message = UserWarning, f"{module}.{qualname}: {message}"
+        warnings.warn_explicit(message, category, filename, lineno)
+    for fields in result.records:
+        record = logging.makeLogRecord(fields)
+        logging.getLogger(record.name).handle(record)
 
 
 def _warn_return(item: pytest.Function, type_name: str) -> None:
@@ -213,6 +233,7 @@ def build_spec(item: pytest.Function, verbosity: int) -> _runbody.BodySpec:
         builtins=builtins,
         request=_request_facts(item) if "request" in builtins else None,
         verbosity=verbosity,
+        log_level=logging.getLogger().getEffectiveLevel(),
     )
 
 

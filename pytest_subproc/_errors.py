@@ -204,6 +204,14 @@ def _home_of(cls: type) -> str | None:
     return None
 
 
+def find_class(module: str, qualname: str) -> Any:
+    """module.qualname if the parent has that module imported, else None."""
+    try:
+        return _by_name(module, qualname)
+    except Exception:
+        return None
+
+
 def _by_name(module: str, qualname: str) -> Any:
     """module.qualname among the modules already imported; it never imports one."""
     if module not in sys.modules:

@@ -12,16 +12,18 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
+import logging
 import pickle
 import sys
 import types
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import pytest
 
-from pytest_subproc import _compat
+from pytest_subproc import _compat, _errors
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ class BodySpec:
     builtins: dict[str, str] = field(default_factory=dict)
     request: Optional[RequestFacts] = None
     verbosity: int = 0
+    # The parent's root logger level during the call, which pytest may have lowered.
+    log_level: int = logging.WARNING
 
 
 def _rewritten_code(path: str) -> types.CodeType:
@@ -160,8 +164,79 @@ def _counterparts(spec: BodySpec, stack: contextlib.ExitStack) -> dict[str, Any]
     return made
 
 
-def run_body(spec: BodySpec) -> Optional[str]:
-    """Run one test body; return the type name of a non-None return value, if any."""
+# A warning the body raised: (category module, category qualname, message, file, line).
+WarningRow = tuple[str, str, str, str, int]
+
+
+@dataclass(frozen=True)
+class BodyResult:
+    """What a body left for the parent: its error, warnings and log records."""
+
+    # The type name of a value the body returned (pytest warns about those).
+    returned: Optional[str] = None
+    # The body's exception, serialized by _errors.dump_exception.
+    error: Optional[bytes] = None
+    warnings: tuple[WarningRow, ...] = ()
+    # Log records as logging.makeLogRecord() takes them.
+    records: tuple[dict[str, Any], ...] = ()
+
+
+# The LogRecord attributes that travel; args are merged into msg first.
+_RECORD_FIELDS = (
+    "name", "levelno", "levelname", "pathname", "filename", "module", "lineno",
+    "funcName", "created", "msecs", "relativeCreated", "thread", "threadName",
+    "process", "processName", "exc_text", "stack_info",
+)  # fmt: skip
+
+
+class _Records(logging.Handler):
+    """Keeps every record the body logs, in a form that pickles."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.kept: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        kept = {name: getattr(record, name, None) for name in _RECORD_FIELDS}
+        kept["msg"] = self.format_message(record)
+        if record.exc_info and not record.exc_text:
+            kept["exc_text"] = logging.Formatter().formatException(record.exc_info)
+        self.kept.append(kept)
+
+    @staticmethod
+    def format_message(record: logging.LogRecord) -> str:
+        try:
+            return record.getMessage()
+        except Exception as exc:  # a bad format string must not break the test run
+            return f"{record.msg!r} (could not format {record.args!r}: {exc})"
+
+
+@contextlib.contextmanager
+def _observed(log_level: int) -> Iterator[tuple[list[warnings.WarningMessage], _Records]]:
+    """Record the warnings and log records of a body, as pytest does in-process."""
+    root = logging.getLogger()
+    handler, saved_level = _Records(), root.level
+    root.addHandler(handler)
+    root.setLevel(log_level)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # the parent's filters decide, not ours
+            yield caught, handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved_level)
+
+
+def _warning_rows(
+    caught: list[warnings.WarningMessage],
+) -> tuple[tuple[str, str, str, str, int], ...]:
+    return tuple(
+        (w.category.__module__, w.category.__qualname__, str(w.message), w.filename, w.lineno)
+        for w in caught
+    )
+
+
+def _call(spec: BodySpec) -> Optional[str]:
     _compat.install_assert_explanations(spec.verbosity)
     function = resolve(import_test_module(spec.module_name, spec.module_path), spec.qualname)
     kwargs = {name: pickle.loads(data) for name, data in spec.values.items()}
@@ -171,3 +246,14 @@ def run_body(spec: BodySpec) -> Optional[str]:
     if result is None or inspect.iscoroutine(result):
         return None
     return type(result).__name__
+
+
+def run_body(spec: BodySpec) -> BodyResult:
+    """Run one test body; what it raised travels inside the result, beside its logs."""
+    returned, error = None, None
+    with _observed(spec.log_level) as (caught, records):
+        try:
+            returned = _call(spec)
+        except BaseException as exc:  # every outcome goes back, skip and exit included
+            error = _errors.dump_exception(exc)
+    return BodyResult(returned, error, _warning_rows(caught), tuple(records.kept))

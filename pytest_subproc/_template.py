@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from pytest_subproc import _zygote
 from pytest_subproc._exceptions import WorkerStartError
@@ -40,9 +40,11 @@ class Template:
         self._proc: Optional[subprocess.Popen[bytes]] = None
         self._sock: Optional[socket.socket] = None
         self._codes: dict[int, int] = {}  # exit codes reported, not yet collected
+        self._preloaded: set[str] = set()
 
     def _start(self) -> None:
         self.close()
+        self._preloaded.clear()
         kind = getattr(socket, "SOCK_SEQPACKET", socket.SOCK_DGRAM)
         ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
         try:
@@ -64,15 +66,32 @@ class Template:
 
     def fork(self, fds: list[int], env: dict[str, str], cwd: str) -> int:
         """Fork a worker that takes ``fds``; return its pid."""
+        self._ensure()
+        assert self._sock is not None
+        _zygote.send(self._sock, {"op": "fork", "env": env, "cwd": cwd}, tuple(fds))
+        return int(self._answer("forked")[1])
+
+    def preload(self, name: str, path: str, context: dict[str, Any]) -> None:
+        """Have the template import a test module once, for all workers forked after."""
+        if path in self._preloaded:
+            return
+        self._ensure()
+        assert self._sock is not None
+        message = {"op": "import", "name": name, "path": path, "context": context}
+        _zygote.send(self._sock, message)
+        self._answer("imported")
+        self._preloaded.add(path)
+
+    def _ensure(self) -> None:
         if self._proc is None or self._proc.poll() is not None:
             self._start()
-        assert self._sock is not None
-        _zygote.send(self._sock, {"env": env, "cwd": cwd}, tuple(fds))
+
+    def _answer(self, kind: str) -> tuple[Any, ...]:
         deadline = _monotonic() + START_TIMEOUT
         while True:
             message = self._next(deadline)
-            if isinstance(message, tuple) and message[0] == "forked":
-                return int(message[1])
+            if isinstance(message, tuple) and message[0] == kind:
+                return message
 
     def exit_code(self, pid: int, wait: float) -> Optional[int]:
         """Return a worker's exit code once the template has reported it (None: not yet)."""

@@ -14,6 +14,7 @@ The parent itself never forks: it only spawns this process.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import pickle
 import select
@@ -29,6 +30,15 @@ from pytest_subproc import _child
 # lifeline, faulthandler file, then stdout and stderr when captured.
 MAX_FDS = 6
 MAX_MESSAGE = 1 << 16
+# Imported once here rather than in every worker.
+_WARM = (
+    "pytest",
+    "_pytest.assertion.rewrite",
+    "_pytest.assertion.util",
+    "_pytest.capture",
+    "_pytest.logging",
+    "pytest_subproc._runbody",
+)
 
 
 def send(sock: socket.socket, message: Any, fds: tuple[int, ...] = ()) -> None:
@@ -44,9 +54,24 @@ def recv(sock: socket.socket) -> tuple[Any, list[int]]:
 
 def _prepare() -> None:
     """Import what every worker needs, so each fork starts with it."""
-    import pytest  # noqa: F401
+    for name in _WARM:
+        importlib.import_module(name)
 
-    from pytest_subproc import _runbody  # noqa: F401
+
+def _preload(message: dict[str, Any]) -> str:
+    """Import a test module here, so every worker forked for it starts with it.
+
+    A failure is no business of the template's: the worker imports the
+    module itself and reports the error where the test can show it.
+    """
+    from pytest_subproc import _runbody
+
+    try:
+        with _child.applied(_child.Environ(), message["context"]):
+            _runbody.import_test_module(message["name"], message["path"])
+    except BaseException as exc:  # reported by the worker instead
+        return f"{type(exc).__name__}: {exc}"
+    return ""
 
 
 def _become_worker(
@@ -120,7 +145,10 @@ def serve(ctrl: socket.socket) -> None:
             message, fds = recv(ctrl)
             if message is None:
                 return  # the parent is gone; its workers watch it themselves
-            _fork(ctrl, (wake_r, wake_w), message, fds)
+            if message["op"] == "import":
+                send(ctrl, ("imported", _preload(message)))
+            else:
+                _fork(ctrl, (wake_r, wake_w), message, fds)
 
 
 def main(argv: list[str]) -> None:

@@ -613,3 +613,51 @@ def test_crash_without_a_stack_shows_no_plugin_frames(pytester: pytest.Pytester)
     text = failures(result)
     assert "worker crashed: exit code 3" in text
     assert f"pytest_subproc{os.sep}" not in text
+
+
+LOGS_AND_WARNINGS = """
+import logging, warnings, pytest
+
+class HomeGrownWarning(UserWarning):
+    pass
+
+pytestmark = pytest.mark.subprocess
+
+def test_logs_and_warns():
+    logging.getLogger("app").warning("disk %s is full", "sda")
+    logging.getLogger("app").info("detail only at INFO")
+    warnings.warn("plain warning from the body")
+    warnings.warn(HomeGrownWarning("home-grown warning"))
+
+def test_fails_after_logging():
+    logging.getLogger("app").error("logged before the failure")
+    assert False
+"""
+
+
+def test_logs_and_warnings_of_the_body_reach_the_report(pytester: pytest.Pytester) -> None:
+    """Records land in "Captured log call" and warnings in the summary, as in-process."""
+    pytester.makepyfile(test_lw=LOGS_AND_WARNINGS)
+    result = run(pytester, "--log-level=INFO", "-rA")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*Captured log call*",
+            "ERROR *app*logged before the failure*",
+            "*warnings summary*",
+            "*test_lw.py:11: UserWarning: plain warning from the body",
+            "*test_lw.py:12: HomeGrownWarning: home-grown warning",
+            "*Captured log call*",
+            "WARNING *app*disk sda is full*",
+            "INFO *app*detail only at INFO*",
+        ]
+    )
+    # Nothing leaks to stderr through logging's last-resort handler.
+    assert "Captured stderr call" not in result.stdout.str()
+
+
+def test_a_warning_the_filters_make_an_error_fails_the_test(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_lw=LOGS_AND_WARNINGS)
+    result = run(pytester, "-W", "error::UserWarning", "-k", "logs_and_warns")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*UserWarning: plain warning from the body*"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import psutil
 import pytest
@@ -131,3 +132,31 @@ def test_a_bad_start_method_is_a_usage_error(pytester: pytest.Pytester) -> None:
     result.stderr.fnmatch_lines(
         ["*Invalid subprocess start method 'vfork' from ini subprocess_start*"]
     )
+
+
+@needs_fork
+@pytest.mark.usefixtures("no_plugin_autoload")
+def test_a_test_module_is_imported_once_for_all_its_forked_workers(
+    pytester: pytest.Pytester, pidlog: Path
+) -> None:
+    pytester.makepyfile(
+        test_three="""
+        import os, pytest, pidlog
+
+        pidlog.log("import")
+
+        @pytest.mark.subprocess(scope="function")
+        @pytest.mark.parametrize("n", range(3))
+        def test_fresh(n):
+            pidlog.log(f"body{n}")
+        """
+    )
+    result = pytester.runpytest_subprocess(*PLUGIN)
+    result.assert_outcomes(passed=3)
+    lines = pidlog.read_text().split("\n")
+    imports = [line for line in lines if line.startswith("import ")]
+    bodies = {line.split()[1] for line in lines if line.startswith("body")}
+    # Once in pytest, once in the template; never in the three workers.
+    assert len(imports) == 2
+    assert len(bodies) == 3
+    assert not bodies & {line.split()[1] for line in imports}

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import marshal
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 
@@ -27,6 +28,46 @@ COUNTERPARTS = (
     "recwarn",
     "request",
 )
+
+
+# The rewritten code of each test module pytest imported, marshalled, by path:
+# a worker need not rewrite the module again.
+_REWRITTEN: dict[str, bytes] = {}
+
+
+def _kept(path: Any, code: Any) -> None:
+    with contextlib.suppress(Exception):  # a code object marshal refuses: rewrite instead
+        _REWRITTEN[str(path)] = marshal.dumps(code)
+
+
+@contextlib.contextmanager
+def rewritten_modules_kept() -> Iterator[None]:
+    """Keep the code pytest's assertion rewriter produces or reads from its cache."""
+    from _pytest.assertion import rewrite
+
+    rewrite_test, read_pyc = rewrite._rewrite_test, rewrite._read_pyc
+
+    def kept_rewrite(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        result = rewrite_test(fn, *args, **kwargs)
+        _kept(fn, result[1])
+        return result
+
+    def kept_read(source: Any, *args: Any, **kwargs: Any) -> Any:
+        code = read_pyc(source, *args, **kwargs)
+        if code is not None:
+            _kept(source, code)
+        return code
+
+    rewrite._rewrite_test, rewrite._read_pyc = kept_rewrite, kept_read
+    try:
+        yield
+    finally:
+        rewrite._rewrite_test, rewrite._read_pyc = rewrite_test, read_pyc
+
+
+def rewritten_code(path: str) -> Optional[bytes]:
+    """The marshalled rewritten code of the test module at ``path``, if pytest made it."""
+    return _REWRITTEN.get(path)
 
 
 def function_argnames(item: pytest.Function) -> tuple[str, ...]:

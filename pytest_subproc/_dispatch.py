@@ -132,10 +132,14 @@ class Runtime:
         assert isinstance(worker, Worker)
         context = {"env": dict(os.environ), "cwd": os.getcwd(), "path": list(sys.path)}
         spec = item.stash[SPEC]
-        call: tuple[Any, ...] = (_runbody.run_body, (spec,), {})
+        code = _compat.rewritten_code(spec.module_path)
         if self.template is not None and not worker.alive:
             # Imported once in the template, the module comes with every fork.
-            self.template.preload(spec.module_name, spec.module_path, context)
+            self.template.preload(spec.module_name, spec.module_path, code, context)
+        if spec.module_path in worker.modules:
+            code = None  # the worker has it already
+        worker.modules.add(spec.module_path)
+        call: tuple[Any, ...] = (_runbody.run_body, (spec, code), {})
         reply = worker.request(Kind.CALL, call, timeout=settings.timeout, context=context)
         relay_output(reply)
         if isinstance(reply.error, (WorkerCrashed, WorkerTimeout)):

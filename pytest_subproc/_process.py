@@ -182,6 +182,8 @@ class Worker:
         self.start_timeout = start_timeout
         self.template = template
         self.starts = 0
+        # Test modules this worker was sent (so their code need not travel again).
+        self.modules: set[str] = set()
         self._proc: Optional[Union[subprocess.Popen[bytes], ForkedProcess]] = None
         self._files: dict[str, CaptureFile] = {}
         self._req = self._rep = self._life = -1
@@ -203,6 +205,7 @@ class Worker:
         if self.alive:
             return
         self._kill_tree()  # a worker that died while idle: reap it, clear up its group
+        self.modules.clear()
         self._release()  # what is left of a worker that died
         self._files = {
             name: CaptureFile()

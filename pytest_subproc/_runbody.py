@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import marshal
 import pickle
 import sys
 import types
@@ -119,8 +120,12 @@ def _rewritten_code(path: str) -> types.CodeType:
     return code
 
 
-def import_test_module(name: str, path: str) -> types.ModuleType:
-    """Import the test module under the parent's name, with pytest's assertion rewriting."""
+def import_test_module(name: str, path: str, code: Optional[bytes] = None) -> types.ModuleType:
+    """Import the test module under the parent's name, with pytest's assertion rewriting.
+
+    ``code`` is the parent's own rewritten module code, marshalled, if it has
+    it: rewriting a module costs far more than running it.
+    """
     module = sys.modules.get(name)
     if module is not None and getattr(module, "__file__", None) == path:
         return module
@@ -136,7 +141,7 @@ def import_test_module(name: str, path: str) -> types.ModuleType:
     module.__package__ = package
     sys.modules[name] = module
     try:
-        exec(_rewritten_code(path), module.__dict__)
+        exec(marshal.loads(code) if code else _rewritten_code(path), module.__dict__)
     except BaseException:
         sys.modules.pop(name, None)
         raise
@@ -236,9 +241,10 @@ def _warning_rows(
     )
 
 
-def _call(spec: BodySpec) -> Optional[str]:
+def _call(spec: BodySpec, code: Optional[bytes]) -> Optional[str]:
     _compat.install_assert_explanations(spec.verbosity)
-    function = resolve(import_test_module(spec.module_name, spec.module_path), spec.qualname)
+    module = import_test_module(spec.module_name, spec.module_path, code)
+    function = resolve(module, spec.qualname)
     kwargs = {name: pickle.loads(data) for name, data in spec.values.items()}
     with contextlib.ExitStack() as stack:
         kwargs.update(_counterparts(spec, stack))
@@ -248,12 +254,12 @@ def _call(spec: BodySpec) -> Optional[str]:
     return type(result).__name__
 
 
-def run_body(spec: BodySpec) -> BodyResult:
+def run_body(spec: BodySpec, code: Optional[bytes] = None) -> BodyResult:
     """Run one test body; what it raised travels inside the result, beside its logs."""
     returned, error = None, None
     with _observed(spec.log_level) as (caught, records):
         try:
-            returned = _call(spec)
+            returned = _call(spec, code)
         except BaseException as exc:  # every outcome goes back, skip and exit included
             error = _errors.dump_exception(exc)
     return BodyResult(returned, error, _warning_rows(caught), tuple(records.kept))

@@ -71,13 +71,13 @@ class Template:
         _zygote.send(self._sock, {"op": "fork", "env": env, "cwd": cwd}, tuple(fds))
         return int(self._answer("forked")[1])
 
-    def preload(self, name: str, path: str, context: dict[str, Any]) -> None:
+    def preload(self, name: str, path: str, code: Optional[bytes], context: dict[str, Any]) -> None:
         """Have the template import a test module once, for all workers forked after."""
         if path in self._preloaded:
             return
         self._ensure()
         assert self._sock is not None
-        message = {"op": "import", "name": name, "path": path, "context": context}
+        message = {"op": "import", "name": name, "path": path, "code": code, "context": context}
         _zygote.send(self._sock, message)
         self._answer("imported")
         self._preloaded.add(path)

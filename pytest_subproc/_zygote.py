@@ -68,7 +68,7 @@ def _preload(message: dict[str, Any]) -> str:
 
     try:
         with _child.applied(_child.Environ(), message["context"]):
-            _runbody.import_test_module(message["name"], message["path"])
+            _runbody.import_test_module(message["name"], message["path"], message["code"])
     except BaseException as exc:  # reported by the worker instead
         return f"{type(exc).__name__}: {exc}"
     return ""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Generator, Iterator
 from typing import Optional
 
 import pytest
 
-from pytest_subproc import _dispatch, _settings
+from pytest_subproc import _compat, _dispatch, _settings
 from pytest_subproc._dispatch import Runtime
 from pytest_subproc._exceptions import ChildTraceException
 from pytest_subproc._process import Worker
@@ -39,6 +40,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", _settings.MARKER_HELP)
     config.stash[RUNTIME] = Runtime.from_config(config)
+    # Workers reuse the test modules' rewritten code instead of rewriting them again.
+    kept = contextlib.ExitStack()
+    kept.enter_context(_compat.rewritten_modules_kept())
+    config.add_cleanup(kept.close)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -12,7 +12,7 @@ import types
 import unittest
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import pytest
 
@@ -31,10 +31,6 @@ SPEC = pytest.StashKey[_runbody.BodySpec]()
 
 class SubprocessWarning(pytest.PytestWarning):
     """Something done in the parent for a marked test cannot reach its worker."""
-
-
-class FixtureNotSendable(Exception):
-    """A fixture value of a marked test cannot be pickled for the worker."""
 
 
 def worker_fixture(scope: str) -> str:
@@ -124,21 +120,49 @@ class Runtime:
             self.template.close()
             self.template = None
 
+    def preload(self, worker: Worker, spec: _runbody.BodySpec, context: dict[str, Any]) -> None:
+        """Before a worker starts, have the template import the test module (on a fork)."""
+        if not worker.alive:
+            worker.modules.clear()  # a fresh worker is on its way
+            if self.template is not None:
+                # Imported once in the template, the module comes with every fork.
+                code = _compat.rewritten_code(spec.module_path)
+                self.template.preload(spec.module_name, spec.module_path, code, context)
+
+    def code_for(
+        self, worker: Worker, spec: _runbody.BodySpec, context: dict[str, Any]
+    ) -> Optional[bytes]:
+        """The test module's rewritten code, unless this worker has had it."""
+        self.preload(worker, spec, context)
+        if spec.module_path in worker.modules:
+            return None
+        worker.modules.add(spec.module_path)
+        return _compat.rewritten_code(spec.module_path)
+
+    def check_values(self, item: pytest.Function) -> None:
+        """Fail at setup, naming the fixture, if the worker cannot rebuild a value.
+
+        A value is checked once per worker: module and session fixtures pass
+        the same bytes to every test.
+        """
+        worker, spec = _worker_of(item), item.stash[SPEC]
+        new = {n: v for n, v in spec.values.items() if (n, hash(v)) not in worker.checked}
+        if not new:
+            return
+        context = _call_context()
+        self.preload(worker, spec, context)
+        call: tuple[Any, ...] = (_runbody.unsendable, (new,), {})
+        failed = worker.request(Kind.CALL, call, context=context).unwrap()
+        for name, why in failed.items():
+            _unsendable(item, name, f"cannot be rebuilt in the subprocess worker: {why}")
+        worker.checked.update((n, hash(v)) for n, v in new.items())
+
     def run(self, item: pytest.Function) -> None:
         """Run the item's body in its worker and raise what it raised."""
         __tracebackhide__ = True
         settings = item.stash[SETTINGS]
-        worker = item.funcargs[worker_fixture(settings.scope)]
-        assert isinstance(worker, Worker)
-        context = {"env": dict(os.environ), "cwd": os.getcwd(), "path": list(sys.path)}
-        spec = item.stash[SPEC]
-        code = _compat.rewritten_code(spec.module_path)
-        if self.template is not None and not worker.alive:
-            # Imported once in the template, the module comes with every fork.
-            self.template.preload(spec.module_name, spec.module_path, code, context)
-        if spec.module_path in worker.modules:
-            code = None  # the worker has it already
-        worker.modules.add(spec.module_path)
+        worker, spec, context = _worker_of(item), item.stash[SPEC], _call_context()
+        code = self.code_for(worker, spec, context)
         call: tuple[Any, ...] = (_runbody.run_body, (spec, code), {})
         reply = worker.request(Kind.CALL, call, timeout=settings.timeout, context=context)
         relay_output(reply)
@@ -166,6 +190,17 @@ def replay(result: _runbody.BodyResult) -> None:
         logging.getLogger(record.name).handle(record)
 
 
+def _call_context() -> dict[str, Any]:
+    """The parent's environment, cwd and sys.path, to apply in the worker for a call."""
+    return {"env": dict(os.environ), "cwd": os.getcwd(), "path": list(sys.path)}
+
+
+def _worker_of(item: pytest.Function) -> Worker:
+    worker = item.funcargs[worker_fixture(item.stash[SETTINGS].scope)]
+    assert isinstance(worker, Worker)
+    return worker
+
+
 def _warn_return(item: pytest.Function, type_name: str) -> None:
     category = getattr(pytest, "PytestReturnNotNoneWarning", None)
     if category is not None:
@@ -183,10 +218,13 @@ def _pickled(item: pytest.Function, name: str) -> bytes:
     try:
         return pickle.dumps(item.funcargs[name], protocol=PICKLE_PROTOCOL)
     except Exception as exc:
-        raise FixtureNotSendable(
-            f"fixture {name!r} of {item.nodeid} cannot be sent to the subprocess worker: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
+        why = f"cannot be sent to the subprocess worker: {type(exc).__name__}: {exc}"
+        _unsendable(item, name, why)
+
+
+def _unsendable(item: pytest.Function, name: str, why: str) -> NoReturn:
+    # An error at setup whose message says it all: the plugin's frames would hide it.
+    pytest.fail(f"fixture {name!r} of {item.nodeid} {why}", pytrace=False)
 
 
 def _picklable_options(config: pytest.Config) -> dict[str, Any]:

@@ -182,8 +182,10 @@ class Worker:
         self.start_timeout = start_timeout
         self.template = template
         self.starts = 0
-        # Test modules this worker was sent (so their code need not travel again).
+        # Test modules this worker was sent (so their code need not travel again),
+        # and fixture values it has shown it can rebuild, as (name, hash of the bytes).
         self.modules: set[str] = set()
+        self.checked: set[tuple[str, int]] = set()
         self._proc: Optional[Union[subprocess.Popen[bytes], ForkedProcess]] = None
         self._files: dict[str, CaptureFile] = {}
         self._req = self._rep = self._life = -1
@@ -206,6 +208,7 @@ class Worker:
             return
         self._kill_tree()  # a worker that died while idle: reap it, clear up its group
         self.modules.clear()
+        self.checked.clear()
         self._release()  # what is left of a worker that died
         self._files = {
             name: CaptureFile()

@@ -241,6 +241,17 @@ def _warning_rows(
     )
 
 
+def unsendable(values: dict[str, bytes]) -> dict[str, str]:
+    """Try to rebuild each fixture value here; return why each that fails did."""
+    failed = {}
+    for name, data in values.items():
+        try:
+            pickle.loads(data)
+        except Exception as exc:
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    return failed
+
+
 def _call(spec: BodySpec, code: Optional[bytes]) -> Optional[str]:
     _compat.install_assert_explanations(spec.verbosity)
     module = import_test_module(spec.module_name, spec.module_path, code)

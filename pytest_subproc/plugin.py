@@ -67,6 +67,7 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
         item.stash[_dispatch.SPEC] = _dispatch.build_spec(
             item, item.config.stash[RUNTIME].verbosity
         )
+        item.config.stash[RUNTIME].check_values(item)
         _dispatch.warn_parent_patches(item)
     return result
 

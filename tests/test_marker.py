@@ -348,13 +348,6 @@ def test_unpicklable_fixture_error_text(pytester: pytest.Pytester) -> None:
     )
 
 
-@pytest.mark.xfail(
-    reason="only the parent-side pickling is checked at setup: a value the worker cannot "
-    "unpickle fails the test at call with the bare ModuleNotFoundError raised in "
-    "_runbody.run_body, naming no fixture, and --tb=short shows pytest_subproc frames "
-    "(plugin.py, _child.py, _runbody.py)",
-    strict=True,
-)
 def test_fixture_value_the_worker_cannot_rebuild_fails_at_setup(
     pytester: pytest.Pytester,
 ) -> None:

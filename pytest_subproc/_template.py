@@ -68,7 +68,13 @@ class Template:
         """Fork a worker that takes ``fds``; return its pid."""
         self._ensure()
         assert self._sock is not None
-        _zygote.send(self._sock, {"op": "fork", "env": env, "cwd": cwd}, tuple(fds))
+        try:
+            _zygote.send(self._sock, {"op": "fork", "env": env, "cwd": cwd}, tuple(fds))
+        except _zygote.TooLarge as exc:
+            raise WorkerStartError(
+                f"the environment is too large to hand to the worker template ({exc}); "
+                "use --subprocess-start=spawn"
+            ) from exc
         return int(self._answer("forked")[1])
 
     def preload(self, name: str, path: str, code: Optional[bytes], context: dict[str, Any]) -> None:
@@ -78,7 +84,13 @@ class Template:
         self._ensure()
         assert self._sock is not None
         message = {"op": "import", "name": name, "path": path, "code": code, "context": context}
-        _zygote.send(self._sock, message)
+        try:
+            _zygote.send(self._sock, message)
+        except _zygote.TooLarge:
+            try:  # too much code for one message: the template rewrites the module itself
+                _zygote.send(self._sock, {**message, "code": None})
+            except _zygote.TooLarge:
+                return  # each worker imports the module itself instead
         self._answer("imported")
         self._preloaded.add(path)
 

@@ -29,7 +29,8 @@ from pytest_subproc import _child
 # The fds of one worker, in the order they travel: requests, replies,
 # lifeline, faulthandler file, then stdout and stderr when captured.
 MAX_FDS = 6
-MAX_MESSAGE = 1 << 16
+# A message is one datagram of a socket pair, which Linux caps near 200 KiB.
+MAX_MESSAGE = 180 * 1024
 # Imported once here rather than in every worker.
 _WARM = (
     "pytest",
@@ -41,9 +42,16 @@ _WARM = (
 )
 
 
+class TooLarge(ValueError):
+    """A message would not fit in one datagram."""
+
+
 def send(sock: socket.socket, message: Any, fds: tuple[int, ...] = ()) -> None:
     """Send one message (and fds) over the control socket."""
-    socket.send_fds(sock, [pickle.dumps(message)], list(fds))
+    data = pickle.dumps(message)
+    if len(data) > MAX_MESSAGE:
+        raise TooLarge(f"a {len(data)}-byte message is over the {MAX_MESSAGE}-byte limit")
+    socket.send_fds(sock, [data], list(fds))
 
 
 def recv(sock: socket.socket) -> tuple[Any, list[int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import marshal
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from _inner import PLUGIN, assert_gone
 
 import pytest_subproc
+from pytest_subproc import _zygote
 from pytest_subproc._child import Environ
 from pytest_subproc._process import PACKAGE_ROOT, Worker, child_env
 from pytest_subproc._subworker import Subworker
@@ -160,3 +162,15 @@ def test_a_test_module_is_imported_once_for_all_its_forked_workers(
     assert len(imports) == 2
     assert len(bodies) == 3
     assert not bodies & {line.split()[1] for line in imports}
+
+
+@needs_fork
+@pytest.mark.usefixtures("no_plugin_autoload")
+def test_a_module_too_large_for_one_message_still_runs(pytester: pytest.Pytester) -> None:
+    """The template gets the module's path alone, and rewrites it itself."""
+    many = "\n".join(f"def test_{i}():\n    assert {i} == {i}, 'x' * 64" for i in range(3000))
+    source = "import pytest\npytestmark = pytest.mark.subprocess\n" + many
+    assert len(marshal.dumps(compile(source, "test_big.py", "exec"))) > _zygote.MAX_MESSAGE
+    pytester.makepyfile(test_big=source)
+    result = pytester.runpytest_subprocess(*PLUGIN, "test_big.py::test_1", "test_big.py::test_2")
+    result.assert_outcomes(passed=2)

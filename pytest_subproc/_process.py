@@ -377,19 +377,25 @@ class Worker:
         self._kill_tree()
         return self._proc.returncode
 
-    def _kill_tree(self) -> None:
+    def _kill_tree(
+        self, descendants: Optional[list[psutil.Process]] = None, *, wait: bool = True
+    ) -> None:
         """Kill the worker, its process group and any descendant that left the group."""
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return
-        descendants = self._descendants()
+        if descendants is None:
+            descendants = self._descendants()
         if hasattr(os, "killpg"):
             with contextlib.suppress(OSError):
                 os.killpg(proc.pid, signal.SIGKILL)
         _kill_all(descendants)
         with contextlib.suppress(OSError):
             proc.kill()
-        proc.wait()
+        if wait or not isinstance(proc, ForkedProcess):
+            proc.wait()
+        else:
+            proc.forget()
         self._close_pipes()
 
     def _descendants(self) -> list[psutil.Process]:
@@ -421,10 +427,15 @@ class Worker:
             # Taken first: once the worker has exited, descendants that left its
             # process group can no longer be found.
             descendants = self._descendants()
-            with contextlib.suppress(_wire.WireError, OSError):
-                _wire.send_parts(self._req, Kind.SHUTDOWN, [], _monotonic() + SHUTDOWN_GRACE)
-            self._exited(SHUTDOWN_GRACE)
-            self._kill_tree()
+            # A spawned worker may have atexit work (coverage) to finish; a
+            # forked one ends with os._exit either way, so it is killed at once.
+            graceful = not isinstance(proc, ForkedProcess)
+            if graceful:
+                with contextlib.suppress(_wire.WireError, OSError):
+                    deadline = _monotonic() + SHUTDOWN_GRACE
+                    _wire.send_parts(self._req, Kind.SHUTDOWN, [], deadline)
+                self._exited(SHUTDOWN_GRACE)
+            self._kill_tree(descendants, wait=graceful)
             _kill_all(descendants)
         self._release()
 

@@ -41,10 +41,13 @@ class Template:
         self._sock: Optional[socket.socket] = None
         self._codes: dict[int, int] = {}  # exit codes reported, not yet collected
         self._preloaded: set[str] = set()
+        self._forgotten: set[int] = set()  # workers whose exit code nobody will ask for
 
     def _start(self) -> None:
         self.close()
         self._preloaded.clear()
+        self._codes.clear()
+        self._forgotten.clear()
         kind = getattr(socket, "SOCK_SEQPACKET", socket.SOCK_DGRAM)
         ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
         try:
@@ -132,8 +135,16 @@ class Template:
             self.close()
             raise WorkerStartError("the worker template exited")
         if message[0] == "exit":
-            self._codes[message[1]] = message[2]
+            if message[1] in self._forgotten:
+                self._forgotten.discard(message[1])
+            else:
+                self._codes[message[1]] = message[2]
         return message
+
+    def forget(self, pid: int) -> None:
+        """Nobody will ask for this worker's exit code: drop it when it comes."""
+        if self._codes.pop(pid, None) is None:
+            self._forgotten.add(pid)
 
     def close(self) -> None:
         """Stop the template; the workers it forked live on until their own end."""
@@ -164,6 +175,12 @@ class ForkedProcess:
         if self._code is None:
             self._code = self._template.exit_code(self.pid, wait)
         return self._code is not None
+
+    def forget(self) -> None:
+        """Give up on the exit code (the worker was killed on purpose)."""
+        if self._code is None:
+            self._template.forget(self.pid)
+        self.returncode = self._code if self._code is not None else -signal.SIGKILL
 
     def kill(self) -> None:
         if self._code is None:

@@ -63,6 +63,7 @@ class Runtime:
     live: list[Worker] = field(default_factory=list)
     casualties: list[tuple[str, str]] = field(default_factory=list)
     template: Optional[Template] = None
+    spare: Optional[Worker] = None  # forked ahead for the next test of scope "function"
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Runtime:
@@ -94,10 +95,29 @@ class Runtime:
         if isolated:
             item.fixturenames.append(worker_fixture(settings.scope))  # type: ignore[attr-defined]
 
-    def new_worker(self) -> Worker:
+    def new_worker(self, item: pytest.Item, scope: str) -> Worker:
         """Return a worker for one scope instance; it starts on first use."""
         if self.template is None and self.defaults.start == "fork":
             self.template = Template(child_env(), PACKAGE_ROOT)
+        if scope != "function" or self.template is None or not isinstance(item, pytest.Function):
+            return self._worker()
+        # One worker per test: each test takes the one forked while the test
+        # before it ran, and has the next one forked while it runs, from a
+        # template that has imported the test module.
+        path = str(getattr(item.module, "__file__", None) or item.path)
+        self.preload(item.module.__name__, path, _call_context())
+        if self.spare is not None and path not in self.spare.preloaded:
+            self.retire(self.spare)  # forked before this module was imported
+            self.spare = None
+        worker, self.spare = self.spare or self._launched(), self._launched()
+        return worker
+
+    def _launched(self) -> Worker:
+        worker = self._worker()
+        worker.launch()
+        return worker
+
+    def _worker(self) -> Worker:
         worker = Worker(capture=self.capture, template=self.template)
         self.live.append(worker)
         return worker
@@ -114,28 +134,27 @@ class Runtime:
 
     def close_all(self) -> None:
         """Close every worker still open (the run is ending, maybe on Ctrl-C)."""
+        self.spare = None
         for worker in list(self.live):
             self.retire(worker)
         if self.template is not None:
             self.template.close()
             self.template = None
 
-    def preload(self, worker: Worker, spec: _runbody.BodySpec, context: dict[str, Any]) -> None:
-        """Before a worker starts, have the template import the test module (on a fork)."""
-        if not worker.alive:
-            worker.modules.clear()  # a fresh worker is on its way
-            if self.template is not None:
-                # Imported once in the template, the module comes with every fork.
-                code = _compat.rewritten_code(spec.module_path)
-                self.template.preload(spec.module_name, spec.module_path, code, context)
+    def preload(self, name: str, path: str, context: dict[str, Any]) -> None:
+        """Have the template import a test module, so that later forks start with it."""
+        if self.template is not None:
+            self.template.preload(name, path, _compat.rewritten_code(path), context)
 
     def code_for(
         self, worker: Worker, spec: _runbody.BodySpec, context: dict[str, Any]
     ) -> Optional[bytes]:
         """The test module's rewritten code, unless this worker has had it."""
-        self.preload(worker, spec, context)
-        if spec.module_path in worker.modules:
-            return None
+        self.preload(spec.module_name, spec.module_path, context)
+        if not worker.alive:
+            worker.modules.clear()  # a fresh worker is on its way
+        if spec.module_path in worker.modules or spec.module_path in worker.preloaded:
+            return None  # it has the module already
         worker.modules.add(spec.module_path)
         return _compat.rewritten_code(spec.module_path)
 
@@ -150,7 +169,7 @@ class Runtime:
         if not new:
             return
         context = _call_context()
-        self.preload(worker, spec, context)
+        self.preload(spec.module_name, spec.module_path, context)
         call: tuple[Any, ...] = (_runbody.unsendable, (new,), {})
         failed = worker.request(Kind.CALL, call, context=context).unwrap()
         for name, why in failed.items():

@@ -186,6 +186,9 @@ class Worker:
         # and fixture values it has shown it can rebuild, as (name, hash of the bytes).
         self.modules: set[str] = set()
         self.checked: set[tuple[str, int]] = set()
+        self._ready = False  # whether the running process has said READY
+        # Test modules the template had imported when it forked this worker.
+        self.preloaded: frozenset[str] = frozenset()
         self._proc: Optional[Union[subprocess.Popen[bytes], ForkedProcess]] = None
         self._files: dict[str, CaptureFile] = {}
         self._req = self._rep = self._life = -1
@@ -202,20 +205,28 @@ class Worker:
             return False
         return not self._exited(0)
 
-    def start(self) -> None:
-        """Spawn the worker and wait for it to say it is ready."""
+    def launch(self) -> None:
+        """Start the worker process unless it runs; start() or a request waits for it."""
         if self.alive:
             return
         self._kill_tree()  # a worker that died while idle: reap it, clear up its group
         self.modules.clear()
         self.checked.clear()
+        self.preloaded = frozenset()
         self._release()  # what is left of a worker that died
         self._files = {
             name: CaptureFile()
             for name in (("stdout", "stderr") if self.capture else ()) + ("fault",)
         }
+        self._ready = False
         self._spawn()
         self.starts += 1
+
+    def start(self) -> None:
+        """Start the worker unless it runs, and wait for it to say it is ready."""
+        self.launch()
+        if self._ready:
+            return
         deadline = _monotonic() + self.start_timeout
         try:
             kind, _ = _wire.recv_parts(self._rep, deadline)
@@ -223,6 +234,7 @@ class Worker:
                 raise _wire.WireCorrupt(f"expected READY, got kind {kind}")
         except _wire.WireError as exc:
             self._fail_start(exc)
+        self._ready = True
 
     def _spawn(self) -> None:
         req_r, self._req = _wire.make_pipe()
@@ -262,6 +274,7 @@ class Worker:
             for fd in (req_r, rep_w, life_r):
                 os.close(fd)  # the worker's ends: holding them would hide its death
         self._proc = ForkedProcess(pid, self.template)
+        self.preloaded = frozenset(self.template.preloaded)
         os.set_blocking(self._req, False)
         os.set_blocking(self._rep, False)
 
@@ -285,8 +298,7 @@ class Worker:
         context: Optional[dict[str, Any]] = None,
     ) -> Reply:
         """Send one request and return its Reply; a dead worker is replaced first."""
-        if not self.alive:
-            self.start()
+        self.start()
         for f in self._files.values():
             f.clear()
         parts = _codec.dumps((timeout, context, args))

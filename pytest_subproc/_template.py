@@ -40,12 +40,12 @@ class Template:
         self._proc: Optional[subprocess.Popen[bytes]] = None
         self._sock: Optional[socket.socket] = None
         self._codes: dict[int, int] = {}  # exit codes reported, not yet collected
-        self._preloaded: set[str] = set()
+        self.preloaded: set[str] = set()
         self._forgotten: set[int] = set()  # workers whose exit code nobody will ask for
 
     def _start(self) -> None:
         self.close()
-        self._preloaded.clear()
+        self.preloaded.clear()
         self._codes.clear()
         self._forgotten.clear()
         kind = getattr(socket, "SOCK_SEQPACKET", socket.SOCK_DGRAM)
@@ -82,7 +82,7 @@ class Template:
 
     def preload(self, name: str, path: str, code: Optional[bytes], context: dict[str, Any]) -> None:
         """Have the template import a test module once, for all workers forked after."""
-        if path in self._preloaded:
+        if path in self.preloaded:
             return
         self._ensure()
         assert self._sock is not None
@@ -95,7 +95,7 @@ class Template:
             except _zygote.TooLarge:
                 return  # each worker imports the module itself instead
         self._answer("imported")
-        self._preloaded.add(path)
+        self.preloaded.add(path)
 
     def _ensure(self) -> None:
         if self._proc is None or self._proc.poll() is not None:

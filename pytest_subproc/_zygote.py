@@ -148,9 +148,15 @@ def serve(ctrl: socket.socket) -> None:
         ready, _, _ = select.select([ctrl.fileno(), wake_r], [], [])
         if wake_r in ready:
             os.read(wake_r, 4096)
-            _reap(ctrl)
+            try:
+                _reap(ctrl)
+            except ConnectionError:
+                return  # the parent is gone
         if ctrl.fileno() in ready:
-            message, fds = recv(ctrl)
+            try:
+                message, fds = recv(ctrl)
+            except ConnectionError:
+                message, fds = None, []  # closed with our reports unread
             if message is None:
                 return  # the parent is gone; its workers watch it themselves
             if message["op"] == "import":

@@ -105,7 +105,7 @@ def _is_isolated(item: pytest.Item) -> bool:
 
 def _scoped_worker(request: pytest.FixtureRequest) -> Iterator[Worker]:
     runtime = request.config.stash[RUNTIME]
-    worker = runtime.new_worker()
+    worker = runtime.new_worker(request.node, request.scope)
     try:
         yield worker
     finally:

@@ -68,6 +68,22 @@ class Environ:
     def __init__(self) -> None:
         self._mirror: dict[str, str] = {}
         self._raw: object = None  # os.environ's data when the mirror was taken
+        # The parent's environment as it last told us, whole or as changes.
+        self.parent: dict[str, str] = {}
+
+    def parents(self, context: dict[str, Any]) -> Optional[dict[str, str]]:
+        """The parent's environment for this call, from the context's env or env changes."""
+        if "env" in context:
+            self.parent = dict(context["env"])
+        elif "env_changes" in context:
+            for key, value in context["env_changes"].items():
+                if value is None:
+                    self.parent.pop(key, None)
+                else:
+                    self.parent[key] = value
+        else:
+            return None
+        return self.parent
 
     def _current(self) -> dict[str, str]:
         raw = getattr(os.environ, "_data", None)
@@ -112,7 +128,8 @@ def applied(environ: Environ, context: Optional[dict[str, Any]]) -> Iterator[Non
         yield
         return
     saved_cwd, saved_path = os.getcwd(), list(sys.path)
-    undo = environ.become(context["env"]) if "env" in context else {}
+    env = environ.parents(context)
+    undo = environ.become(env) if env is not None else {}
     try:
         if context.get("cwd", saved_cwd) != saved_cwd:
             os.chdir(context["cwd"])

@@ -142,21 +142,13 @@ class Runtime:
             self.template = None
 
     def preload(self, name: str, path: str, context: dict[str, Any]) -> None:
-        """Have the template import a test module, so that later forks start with it."""
+        """Have the template import a test module, so that later forks start with it.
+
+        Only worth it for workers forked per test: a worker of a module or the
+        session imports each module once anyway.
+        """
         if self.template is not None:
             self.template.preload(name, path, _compat.rewritten_code(path), context)
-
-    def code_for(
-        self, worker: Worker, spec: _runbody.BodySpec, context: dict[str, Any]
-    ) -> Optional[bytes]:
-        """The test module's rewritten code, unless this worker has had it."""
-        self.preload(spec.module_name, spec.module_path, context)
-        if not worker.alive:
-            worker.modules.clear()  # a fresh worker is on its way
-        if spec.module_path in worker.modules or spec.module_path in worker.preloaded:
-            return None  # it has the module already
-        worker.modules.add(spec.module_path)
-        return _compat.rewritten_code(spec.module_path)
 
     def check_values(self, item: pytest.Function) -> None:
         """Fail at setup, naming the fixture, if the worker cannot rebuild a value.
@@ -168,10 +160,9 @@ class Runtime:
         new = {n: v for n, v in spec.values.items() if (n, hash(v)) not in worker.checked}
         if not new:
             return
-        context = _call_context()
-        self.preload(spec.module_name, spec.module_path, context)
         call: tuple[Any, ...] = (_runbody.unsendable, (new,), {})
-        failed = worker.request(Kind.CALL, call, context=context).unwrap()
+        worker.start()
+        failed = worker.request(Kind.CALL, call, context=_call_context(worker)).unwrap()
         for name, why in failed.items():
             _unsendable(item, name, f"cannot be rebuilt in the subprocess worker: {why}")
         worker.checked.update((n, hash(v)) for n, v in new.items())
@@ -180,8 +171,10 @@ class Runtime:
         """Run the item's body in its worker and raise what it raised."""
         __tracebackhide__ = True
         settings = item.stash[SETTINGS]
-        worker, spec, context = _worker_of(item), item.stash[SPEC], _call_context()
-        code = self.code_for(worker, spec, context)
+        worker, spec = _worker_of(item), item.stash[SPEC]
+        worker.start()  # the environment's changes are counted from its last call
+        context = _call_context(worker)
+        code = _code_for(worker, spec)
         call: tuple[Any, ...] = (_runbody.run_body, (spec, code), {})
         reply = worker.request(Kind.CALL, call, timeout=settings.timeout, context=context)
         relay_output(reply)
@@ -209,9 +202,36 @@ def replay(result: _runbody.BodyResult) -> None:
         logging.getLogger(record.name).handle(record)
 
 
-def _call_context() -> dict[str, Any]:
-    """The parent's environment, cwd and sys.path, to apply in the worker for a call."""
-    return {"env": dict(os.environ), "cwd": os.getcwd(), "path": list(sys.path)}
+def _code_for(worker: Worker, spec: _runbody.BodySpec) -> Optional[bytes]:
+    """The test module's rewritten code, unless this worker has had it."""
+    if not worker.alive:
+        worker.modules.clear()  # a fresh worker is on its way
+    if spec.module_path in worker.modules or spec.module_path in worker.preloaded:
+        return None  # it has the module already
+    worker.modules.add(spec.module_path)
+    return _compat.rewritten_code(spec.module_path)
+
+
+def _call_context(worker: Optional[Worker] = None) -> dict[str, Any]:
+    """The parent's environment, cwd and sys.path, to apply in the worker for a call.
+
+    A running worker is sent only what changed in the environment since its
+    last call: pytest changes one variable per test, and the whole of it
+    costs more to build and move than a trivial test takes to run.
+    """
+    context: dict[str, Any] = {"cwd": os.getcwd(), "path": list(sys.path)}
+    raw = getattr(os.environ, "_data", None)
+    if worker is None or not isinstance(raw, dict) or not all(type(k) is bytes for k in raw):
+        context["env"] = dict(os.environ)
+        return context
+    sent = worker.sent_env
+    changes: dict[str, Optional[str]] = {
+        os.fsdecode(k): os.fsdecode(v) for k, v in raw.items() if sent.get(k) != v
+    }
+    changes.update((os.fsdecode(k), None) for k in sent.keys() - raw.keys())
+    worker.sent_env = dict(raw)
+    context["env_changes"] = changes
+    return context
 
 
 def _worker_of(item: pytest.Function) -> Worker:

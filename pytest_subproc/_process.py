@@ -186,6 +186,8 @@ class Worker:
         # and fixture values it has shown it can rebuild, as (name, hash of the bytes).
         self.modules: set[str] = set()
         self.checked: set[tuple[str, int]] = set()
+        # os.environ's raw data as last sent with a call, so later calls send changes.
+        self.sent_env: dict[Any, Any] = {}
         self._ready = False  # whether the running process has said READY
         # Test modules the template had imported when it forked this worker.
         self.preloaded: frozenset[str] = frozenset()
@@ -213,6 +215,7 @@ class Worker:
         self.modules.clear()
         self.checked.clear()
         self.preloaded = frozenset()
+        self.sent_env = {}
         self._release()  # what is left of a worker that died
         self._files = {
             name: CaptureFile()

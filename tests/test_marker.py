@@ -737,3 +737,32 @@ def test_sigkill_of_pytest_takes_the_worker_down(pytester: pytest.Pytester, pidl
     finally:
         _stop(proc)
     assert_gone([worker], timeout=5.0)
+
+
+def test_environment_changes_reach_the_worker_and_are_taken_back(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only what changed is sent per call; a variable the parent drops is dropped too."""
+    pytester.makepyfile(
+        """
+        import os, pytest
+
+        pytestmark = pytest.mark.subprocess
+
+        @pytest.fixture
+        def flagged(monkeypatch):
+            monkeypatch.setenv("SUBPROC_FLAG", "on")
+            monkeypatch.delenv("SUBPROC_GONE", raising=False)
+
+        def test_with_the_flag(flagged):
+            assert os.environ["SUBPROC_FLAG"] == "on"
+            assert "SUBPROC_GONE" not in os.environ
+
+        def test_without_it():
+            assert "SUBPROC_FLAG" not in os.environ
+            assert os.environ["SUBPROC_GONE"] == "here"
+            assert os.environ["PYTEST_CURRENT_TEST"].endswith("test_without_it (call)")
+        """
+    )
+    monkeypatch.setenv("SUBPROC_GONE", "here")
+    run(pytester).assert_outcomes(passed=2)

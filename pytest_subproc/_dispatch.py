@@ -95,10 +95,16 @@ class Runtime:
         if isolated:
             item.fixturenames.append(worker_fixture(settings.scope))  # type: ignore[attr-defined]
 
-    def new_worker(self, item: pytest.Item, scope: str) -> Worker:
-        """Return a worker for one scope instance; it starts on first use."""
+    def warm_up(self) -> None:
+        """Start the template now (without waiting), if workers will be forked."""
         if self.template is None and self.defaults.start == "fork":
             self.template = Template(child_env(), PACKAGE_ROOT)
+        if self.template is not None:
+            self.template.launch()
+
+    def new_worker(self, item: pytest.Item, scope: str) -> Worker:
+        """Return a worker for one scope instance; it starts on first use."""
+        self.warm_up()
         if scope != "function" or self.template is None or not isinstance(item, pytest.Function):
             return self._worker()
         # One worker per test: each test takes the one forked while the test

@@ -43,6 +43,14 @@ class Template:
         self.preloaded: set[str] = set()
         self._forgotten: set[int] = set()  # workers whose exit code nobody will ask for
 
+    def launch(self) -> None:
+        """Start the template process unless it runs; nothing waits for it here.
+
+        Started while pytest still collects, it imports pytest meanwhile.
+        """
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+
     def _start(self) -> None:
         self.close()
         self.preloaded.clear()
@@ -61,15 +69,11 @@ class Template:
             )
         finally:
             theirs.close()
-        self._sock = ours
-        message = self._next(_monotonic() + START_TIMEOUT)
-        if not (isinstance(message, tuple) and message[0] == "ready"):
-            self.close()
-            raise WorkerStartError(f"the worker template did not start (it said {message!r})")
+        self._sock = ours  # its "ready" is read with the first answer
 
     def fork(self, fds: list[int], env: dict[str, str], cwd: str) -> int:
         """Fork a worker that takes ``fds``; return its pid."""
-        self._ensure()
+        self.launch()
         assert self._sock is not None
         try:
             _zygote.send(self._sock, {"op": "fork", "env": env, "cwd": cwd}, tuple(fds))
@@ -84,7 +88,7 @@ class Template:
         """Have the template import a test module once, for all workers forked after."""
         if path in self.preloaded:
             return
-        self._ensure()
+        self.launch()
         assert self._sock is not None
         message = {"op": "import", "name": name, "path": path, "code": code, "context": context}
         try:
@@ -96,10 +100,6 @@ class Template:
                 return  # each worker imports the module itself instead
         self._answer("imported")
         self.preloaded.add(path)
-
-    def _ensure(self) -> None:
-        if self._proc is None or self._proc.poll() is not None:
-            self._start()
 
     def _answer(self, kind: str) -> tuple[Any, ...]:
         deadline = _monotonic() + START_TIMEOUT

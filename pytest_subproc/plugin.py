@@ -52,6 +52,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         runtime.close_all()
 
 
+def pytest_itemcollected(item: pytest.Item) -> None:
+    # The first test that will need a worker starts the template, which then
+    # imports pytest while the rest of the suite is collected.
+    runtime = item.config.stash[RUNTIME]
+    if runtime.template is None and (
+        runtime.defaults.isolate_all or item.get_closest_marker(_settings.MARKER) is not None
+    ):
+        runtime.warm_up()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     runtime = config.stash[RUNTIME]

@@ -63,7 +63,7 @@ class Runtime:
     live: list[Worker] = field(default_factory=list)
     casualties: list[tuple[str, str]] = field(default_factory=list)
     template: Optional[Template] = None
-    spare: Optional[Worker] = None  # forked ahead for the next test of scope "function"
+    spare: Optional[Worker] = None  # forked ahead for the next module's or test's worker
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Runtime:
@@ -105,16 +105,17 @@ class Runtime:
     def new_worker(self, item: pytest.Item, scope: str) -> Worker:
         """Return a worker for one scope instance; it starts on first use."""
         self.warm_up()
-        if scope != "function" or self.template is None or not isinstance(item, pytest.Function):
+        if scope == "session" or self.template is None or not isinstance(item, pytest.Function):
             return self._worker()
-        # One worker per test: each test takes the one forked while the test
-        # before it ran, and has the next one forked while it runs, from a
-        # template that has imported the test module.
-        path = str(getattr(item.module, "__file__", None) or item.path)
-        self.preload(item.module.__name__, path, _call_context())
-        if self.spare is not None and path not in self.spare.preloaded:
-            self.retire(self.spare)  # forked before this module was imported
-            self.spare = None
+        # A worker per module or per test: each takes the one forked while the
+        # one before it served, and has the next forked meanwhile. Per test,
+        # they come from a template that has imported the test module.
+        if scope == "function":
+            path = str(getattr(item.module, "__file__", None) or item.path)
+            self.preload(item.module.__name__, path, _call_context())
+            if self.spare is not None and path not in self.spare.preloaded:
+                self.retire(self.spare)  # forked before this module was imported
+                self.spare = None
         worker, self.spare = self.spare or self._launched(), self._launched()
         return worker
 

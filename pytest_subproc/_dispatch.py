@@ -321,8 +321,29 @@ def build_spec(item: pytest.Function, verbosity: int) -> _runbody.BodySpec:
         builtins=builtins,
         request=_request_facts(item) if "request" in builtins else None,
         verbosity=verbosity,
+        instance=_instance(item),
         log_level=logging.getLogger().getEffectiveLevel(),
     )
+
+
+def _instance(item: pytest.Function) -> Optional[bytes]:
+    """The test's class instance, pickled, or None (the worker makes a fresh one)."""
+    instance = getattr(item, "instance", None)
+    if instance is None:
+        return None
+    try:
+        return pickle.dumps(instance, protocol=PICKLE_PROTOCOL)
+    except Exception as exc:
+        if vars(instance):  # a fresh instance would miss what setup put there
+            warnings.warn(
+                SubprocessWarning(
+                    f"the {type(instance).__name__} instance of {item.nodeid} cannot be sent to "
+                    f"its subprocess worker ({type(exc).__name__}: {exc}); the body runs on a "
+                    f"fresh instance, without the attributes {sorted(vars(instance))}"
+                ),
+                stacklevel=2,
+            )
+        return None
 
 
 def warn_parent_patches(item: pytest.Function) -> None:

@@ -105,6 +105,8 @@ class BodySpec:
     builtins: dict[str, str] = field(default_factory=dict)
     request: Optional[RequestFacts] = None
     verbosity: int = 0
+    # The test's class instance as the parent set it up, pickled, if it could be.
+    instance: Optional[bytes] = None
     # The parent's root logger level during the call, which pytest may have lowered.
     log_level: int = logging.WARNING
 
@@ -148,14 +150,18 @@ def import_test_module(name: str, path: str, code: Optional[bytes] = None) -> ty
     return module
 
 
-def resolve(module: types.ModuleType, qualname: str) -> Any:
-    """Find the test function; a method is bound to a fresh instance of its class."""
+def resolve(module: types.ModuleType, qualname: str, instance: Optional[bytes] = None) -> Any:
+    """Find the test function; a method is bound to the parent's instance, or a fresh one.
+
+    The parent's instance carries what setup_method and class fixtures set on
+    it; a fresh one stands in when it could not be pickled.
+    """
     owner: Any = module
     *classes, name = qualname.split(".")
     for cls_name in classes:
         owner = getattr(owner, cls_name)
     if classes:
-        owner = owner()
+        owner = pickle.loads(instance) if instance is not None else owner()
     return getattr(owner, name)
 
 
@@ -255,7 +261,7 @@ def unsendable(values: dict[str, bytes]) -> dict[str, str]:
 def _call(spec: BodySpec, code: Optional[bytes]) -> Optional[str]:
     _compat.install_assert_explanations(spec.verbosity)
     module = import_test_module(spec.module_name, spec.module_path, code)
-    function = resolve(module, spec.qualname)
+    function = resolve(module, spec.qualname, spec.instance)
     kwargs = {name: pickle.loads(data) for name, data in spec.values.items()}
     with contextlib.ExitStack() as stack:
         kwargs.update(_counterparts(spec, stack))

@@ -766,3 +766,35 @@ def test_environment_changes_reach_the_worker_and_are_taken_back(
     )
     monkeypatch.setenv("SUBPROC_GONE", "here")
     run(pytester).assert_outcomes(passed=2)
+
+
+def test_a_method_runs_on_the_instance_its_setup_prepared(pytester: pytest.Pytester) -> None:
+    """setup_method and class fixtures set attributes the body sees, as in-process."""
+    pytester.makepyfile(
+        """
+        import threading, pytest
+
+        @pytest.mark.subprocess
+        class TestPrepared:
+            def setup_method(self, method):
+                self.value = 42
+
+            @pytest.fixture(autouse=True)
+            def more(self):
+                self.extra = "from a fixture"
+
+            def test_sees_it(self):
+                assert (self.value, self.extra) == (42, "from a fixture")
+
+        @pytest.mark.subprocess
+        class TestUnpicklable:
+            def setup_method(self, method):
+                self.lock = threading.Lock()
+
+            def test_runs_fresh(self):
+                assert not hasattr(self, "lock")
+        """
+    )
+    result = run(pytester, "-rw")
+    result.assert_outcomes(passed=2, warnings=1)
+    result.stdout.fnmatch_lines(["*TestUnpicklable instance*fresh instance*['lock']*"])

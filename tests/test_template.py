@@ -178,35 +178,28 @@ def test_a_module_too_large_for_one_message_still_runs(pytester: pytest.Pytester
 
 @needs_fork
 @pytest.mark.usefixtures("no_plugin_autoload")
-def test_the_template_starts_while_pytest_collects(pytester: pytest.Pytester) -> None:
-    """Launched by the first marked test collected, it is up before the first test runs."""
+@pytest.mark.parametrize(
+    ("test_source", "started"),
+    [
+        ("import pytest\n\n@pytest.mark.subprocess\ndef test_marked():\n    pass\n", True),
+        ("def test_plain():\n    pass\n", False),
+    ],
+    ids=["a marked test", "no marked test"],
+)
+def test_the_template_starts_while_pytest_collects(
+    pytester: pytest.Pytester, test_source: str, started: bool
+) -> None:
+    """The first marked test collected launches it; a run without one starts none."""
     pytester.makeconftest(
         """
-        import psutil, pytest
+        import psutil
 
         def pytest_collection_finish(session):
             names = [" ".join(p.cmdline()) for p in psutil.Process().children()]
             print("TEMPLATE UP AT COLLECTION END:", any("_zygote" in n for n in names))
         """
     )
-    pytester.makepyfile("import pytest\n\n@pytest.mark.subprocess\ndef test_marked():\n    pass\n")
+    pytester.makepyfile(test_source)
     result = pytester.runpytest_subprocess(*PLUGIN, "-s")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["TEMPLATE UP AT COLLECTION END: True"])
-
-
-@pytest.mark.usefixtures("no_plugin_autoload")
-def test_no_template_without_a_marked_test(pytester: pytest.Pytester) -> None:
-    pytester.makeconftest(
-        """
-        import psutil
-
-        def pytest_sessionfinish(session):
-            names = [" ".join(p.cmdline()) for p in psutil.Process().children()]
-            print("TEMPLATE STARTED:", any("_zygote" in n for n in names))
-        """
-    )
-    pytester.makepyfile("def test_plain():\n    pass\n")
-    result = pytester.runpytest_subprocess(*PLUGIN, "-s")
-    result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["*TEMPLATE STARTED: False"])
+    result.stdout.fnmatch_lines([f"TEMPLATE UP AT COLLECTION END: {started}"])

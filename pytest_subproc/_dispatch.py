@@ -3,34 +3,25 @@
 from __future__ import annotations
 
 import inspect
-import logging
 import os
-import pickle
-import re
 import sys
-import types
 import unittest
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 import pytest
 
 from pytest_subproc import _compat, _errors, _runbody
-from pytest_subproc._codec import PROTOCOL as PICKLE_PROTOCOL
 from pytest_subproc._exceptions import WorkerCrashed, WorkerTimeout
 from pytest_subproc._process import PACKAGE_ROOT, Worker, child_env
+from pytest_subproc._report import replay, stack_traceback, warn_return
 from pytest_subproc._settings import MARKER, Defaults, Settings, for_item
+from pytest_subproc._spec import SPEC, SubprocessWarning, unsendable
 from pytest_subproc._subworker import relay_output
 from pytest_subproc._template import Template
 from pytest_subproc._wire import Kind
 
 SETTINGS = pytest.StashKey[Settings]()
-SPEC = pytest.StashKey[_runbody.BodySpec]()
-
-
-class SubprocessWarning(pytest.PytestWarning):
-    """Something done in the parent for a marked test cannot reach its worker."""
 
 
 def worker_fixture(scope: str) -> str:
@@ -171,7 +162,7 @@ class Runtime:
         worker.start()
         failed = worker.request(Kind.CALL, call, context=_call_context(worker)).unwrap()
         for name, why in failed.items():
-            _unsendable(item, name, f"cannot be rebuilt in the subprocess worker: {why}")
+            unsendable(item, name, f"cannot be rebuilt in the subprocess worker: {why}")
         worker.checked.update((n, hash(v)) for n, v in new.items())
 
     def run(self, item: pytest.Function) -> None:
@@ -192,21 +183,9 @@ class Runtime:
         result: _runbody.BodyResult = reply.unwrap()
         replay(result)
         if result.returned is not None:
-            _warn_return(item, result.returned)
+            warn_return(item, result.returned)
         if result.error is not None:
             raise _errors.load_exception(result.error)
-
-
-def replay(result: _runbody.BodyResult) -> None:
-    """Raise the body's warnings and log its records again here, where pytest collects them."""
-    for module, qualname, message, filename, lineno in result.warnings:
-        category = _errors.find_class(module, qualname)
-        if not (isinstance(category, type) and issubclass(category, Warning)):
-            category, message = UserWarning, f"{module}.{qualname}: {message}"
-        warnings.warn_explicit(message, category, filename, lineno)
-    for fields in result.records:
-        record = logging.makeLogRecord(fields)
-        logging.getLogger(record.name).handle(record)
 
 
 def _code_for(worker: Worker, spec: _runbody.BodySpec) -> Optional[bytes]:
@@ -245,161 +224,3 @@ def _worker_of(item: pytest.Function) -> Worker:
     worker = item.funcargs[worker_fixture(item.stash[SETTINGS].scope)]
     assert isinstance(worker, Worker)
     return worker
-
-
-def _warn_return(item: pytest.Function, type_name: str) -> None:
-    category = getattr(pytest, "PytestReturnNotNoneWarning", None)
-    if category is not None:
-        warnings.warn(
-            category(
-                f"Expected None, but {item.nodeid} returned a {type_name}, which will be an "
-                "error in a future version of pytest.  Did you mean to use `assert` instead "
-                "of `return`?"
-            ),
-            stacklevel=2,
-        )
-
-
-def _pickled(item: pytest.Function, name: str) -> bytes:
-    try:
-        return pickle.dumps(item.funcargs[name], protocol=PICKLE_PROTOCOL)
-    except Exception as exc:
-        why = f"cannot be sent to the subprocess worker: {type(exc).__name__}: {exc}"
-        _unsendable(item, name, why)
-
-
-def _unsendable(item: pytest.Function, name: str, why: str) -> NoReturn:
-    # An error at setup whose message says it all: the plugin's frames would hide it.
-    pytest.fail(f"fixture {name!r} of {item.nodeid} {why}", pytrace=False)
-
-
-def _picklable_options(config: pytest.Config) -> dict[str, Any]:
-    options = {}
-    for name, value in vars(config.option).items():
-        try:
-            pickle.dumps(value)
-        except Exception:
-            continue
-        options[name] = value
-    return options
-
-
-def _request_facts(item: pytest.Function) -> _runbody.RequestFacts:
-    callspec = getattr(item, "callspec", None)
-    markers = []
-    for mark in item.iter_markers():
-        try:
-            pickle.dumps((mark.args, mark.kwargs))
-            markers.append((mark.name, mark.args, dict(mark.kwargs)))
-        except Exception:
-            markers.append((mark.name, (), {}))
-    node = _runbody.NodeFacts(
-        name=item.name,
-        nodeid=item.nodeid,
-        keywords=tuple(item.keywords),
-        params=dict(callspec.params) if callspec is not None else {},
-        markers=tuple(markers),
-    )
-    return _runbody.RequestFacts(node, _runbody.ConfigFacts(_picklable_options(item.config)))
-
-
-def build_spec(item: pytest.Function, verbosity: int) -> _runbody.BodySpec:
-    """Collect what the worker needs for this test; fail naming any fixture that cannot cross."""
-    argnames = _compat.function_argnames(item)
-    builtins = {n: n for n in argnames if n in _compat.COUNTERPARTS}
-    values = {n: _pickled(item, n) for n in argnames if n not in builtins}
-    cls = item.cls
-    qualname = getattr(item, "originalname", item.name)
-    if cls is not None:
-        qualname = f"{cls.__qualname__}.{qualname}"
-    module = item.module
-    return _runbody.BodySpec(
-        module_name=module.__name__,
-        module_path=str(getattr(module, "__file__", None) or item.path),
-        qualname=qualname,
-        values=values,
-        builtins=builtins,
-        request=_request_facts(item) if "request" in builtins else None,
-        verbosity=verbosity,
-        instance=_instance(item),
-        log_level=logging.getLogger().getEffectiveLevel(),
-    )
-
-
-def _instance(item: pytest.Function) -> Optional[bytes]:
-    """The test's class instance, pickled, or None (the worker makes a fresh one)."""
-    instance = getattr(item, "instance", None)
-    if instance is None:
-        return None
-    try:
-        return pickle.dumps(instance, protocol=PICKLE_PROTOCOL)
-    except Exception as exc:
-        if vars(instance):  # a fresh instance would miss what setup put there
-            warnings.warn(
-                SubprocessWarning(
-                    f"the {type(instance).__name__} instance of {item.nodeid} cannot be sent to "
-                    f"its subprocess worker ({type(exc).__name__}: {exc}); the body runs on a "
-                    f"fresh instance, without the attributes {sorted(vars(instance))}"
-                ),
-                stacklevel=2,
-            )
-        return None
-
-
-def warn_parent_patches(item: pytest.Function) -> None:
-    """Warn about parent-side monkeypatches the worker cannot see."""
-    mp: Optional[pytest.MonkeyPatch] = item.funcargs.get("monkeypatch")  # type: ignore[assignment]
-    targets = _compat.monkeypatch_targets(mp) if mp is not None else []
-    if targets:
-        warnings.warn(
-            SubprocessWarning(
-                f"{item.nodeid} runs in a subprocess worker, but monkeypatch changed "
-                f"{', '.join(targets)} in the parent only; the test body will not see it. "
-                "Patch inside the test body instead."
-            ),
-            stacklevel=2,
-        )
-
-
-_FAULT_FRAME = re.compile(r'^\s*File "(?P<file>.*)", line (?P<line>\d+) in (?P<name>.*)$')
-
-
-def _dump_threads(stack: str) -> list[list[tuple[str, int, str]]]:
-    """Split a faulthandler dump into threads of (file, line, name), outermost first."""
-    threads: list[list[tuple[str, int, str]]] = []
-    for line in stack.splitlines():
-        if line.startswith(("Thread 0x", "Current thread 0x")):
-            threads.append([])
-            continue
-        match = _FAULT_FRAME.match(line)
-        if match and threads:
-            threads[-1].insert(0, (match["file"], int(match["line"]), match["name"]))
-    return threads
-
-
-def stack_traceback(stack: str, item: pytest.Function) -> Optional[types.TracebackType]:
-    """Rebuild a traceback from the dumped thread that was running the test, if any."""
-    path = item.stash[SPEC].module_path
-    function = inspect.unwrap(item.obj)
-    name = function.__name__
-    first = getattr(getattr(function, "__code__", None), "co_firstlineno", 0)
-    for frames in _dump_threads(stack):
-        starts = [i for i, (f, _, n) in enumerate(frames) if f == path and n == name]
-        if starts:
-            frames = frames[starts[0] :]
-            records = [
-                (f, line, n, first if i == 0 else line) for i, (f, line, n) in enumerate(frames)
-            ]
-            return _errors.traceback_from(records)
-    # No dump (a plain exit): point at the test function itself.
-    return _errors.traceback_from([(path, first, name, first)])
-
-
-def has_worker_frames(exc: BaseException) -> bool:
-    """Whether exc's traceback runs through frames rebuilt from the worker's."""
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_globals.get("__name__") == _errors.WORKER_FRAME_MODULE:
-            return True
-        tb = tb.tb_next
-    return False

@@ -8,7 +8,7 @@ from typing import Optional
 
 import pytest
 
-from pytest_subproc import _compat, _dispatch, _settings
+from pytest_subproc import _compat, _dispatch, _report, _settings, _spec
 from pytest_subproc._dispatch import Runtime
 from pytest_subproc._exceptions import ChildTraceException
 from pytest_subproc._process import Worker
@@ -74,11 +74,9 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
     result = yield
     if _is_isolated(item):
         assert isinstance(item, pytest.Function)
-        item.stash[_dispatch.SPEC] = _dispatch.build_spec(
-            item, item.config.stash[RUNTIME].verbosity
-        )
+        item.stash[_spec.SPEC] = _spec.build_spec(item, item.config.stash[RUNTIME].verbosity)
         item.config.stash[RUNTIME].check_values(item)
-        _dispatch.warn_parent_patches(item)
+        _spec.warn_parent_patches(item)
     return result
 
 
@@ -98,7 +96,7 @@ def pytest_runtest_makereport(
     # traceback would only repeat them, so it is left out of the report
     # (and kept on the exception for whoever inspects it).
     exc = call.excinfo.value if call.excinfo is not None and _is_isolated(item) else None
-    cause = exc.__cause__ if exc is not None and _dispatch.has_worker_frames(exc) else None
+    cause = exc.__cause__ if exc is not None and _report.has_worker_frames(exc) else None
     if isinstance(cause, ChildTraceException):
         exc.__cause__ = None  # type: ignore[union-attr]
     try:

@@ -55,6 +55,7 @@ class Runtime:
     casualties: list[tuple[str, str]] = field(default_factory=list)
     template: Optional[Template] = None
     spare: Optional[Worker] = None  # forked ahead for the next module's or test's worker
+    modules: list[tuple[str, str]] = field(default_factory=list)  # isolated, in run order
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Runtime:
@@ -85,6 +86,9 @@ class Runtime:
         item.stash[SETTINGS] = settings
         if isolated:
             item.fixturenames.append(worker_fixture(settings.scope))  # type: ignore[attr-defined]
+            module = (item.module.__name__, _module_path(item))  # type: ignore[attr-defined]
+            if module not in self.modules:
+                self.modules.append(module)
 
     def warm_up(self) -> None:
         """Start the template now (without waiting), if workers will be forked."""
@@ -99,16 +103,24 @@ class Runtime:
         if scope == "session" or self.template is None or not isinstance(item, pytest.Function):
             return self._worker()
         # A worker per module or per test: each takes the one forked while the
-        # one before it served, and has the next forked meanwhile. Per test,
-        # they come from a template that has imported the test module.
-        if scope == "function":
-            path = str(getattr(item.module, "__file__", None) or item.path)
-            self.preload(item.module.__name__, path, _call_context())
-            if self.spare is not None and path not in self.spare.preloaded:
-                self.retire(self.spare)  # forked before this module was imported
-                self.spare = None
+        # one before it served, and has the next forked meanwhile, from a
+        # template that has imported this test module and the next one.
+        path = _module_path(item)
+        context = _call_context()
+        for module in (item.module.__name__, path), self.module_after(path):
+            if module is not None:
+                self.preload(module[0], module[1], context)
+        if self.spare is not None and path not in self.spare.preloaded:
+            self.retire(self.spare)  # forked before this module was imported
+            self.spare = None
         worker, self.spare = self.spare or self._launched(), self._launched()
         return worker
+
+    def module_after(self, path: str) -> Optional[tuple[str, str]]:
+        """The (name, path) of the test module that runs after the one at ``path``."""
+        paths = [p for _, p in self.modules]
+        index = paths.index(path) if path in paths else len(paths)
+        return self.modules[index + 1] if index + 1 < len(paths) else None
 
     def _launched(self) -> Worker:
         worker = self._worker()
@@ -186,6 +198,11 @@ class Runtime:
             warn_return(item, result.returned)
         if result.error is not None:
             raise _errors.load_exception(result.error)
+
+
+def _module_path(item: pytest.Item) -> str:
+    module = item.module  # type: ignore[attr-defined]
+    return str(getattr(module, "__file__", None) or item.path)
 
 
 def _code_for(worker: Worker, spec: _runbody.BodySpec) -> Optional[bytes]:

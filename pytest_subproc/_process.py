@@ -238,6 +238,10 @@ class Worker:
         except _wire.WireError as exc:
             self._fail_start(exc)
         self._ready = True
+        if isinstance(self._proc, ForkedProcess) and self.template is not None:
+            # Its pid is in the template's answers by now; take it while the
+            # template is surely there to read from.
+            self.template.resolve(self._proc)
 
     def _spawn(self) -> None:
         req_r, self._req = _wire.make_pipe()
@@ -272,11 +276,11 @@ class Worker:
         assert self.template is not None
         std = [self._files[n].fd for n in ("stdout", "stderr")] if self.capture else []
         try:
-            pid = self.template.fork([req_r, rep_w, life_r, fault, *std], child_env(), os.getcwd())
+            fds = [req_r, rep_w, life_r, fault, *std]
+            self._proc = self.template.fork(fds, child_env(), os.getcwd())
         finally:
             for fd in (req_r, rep_w, life_r):
                 os.close(fd)  # the worker's ends: holding them would hide its death
-        self._proc = ForkedProcess(pid, self.template)
         self.preloaded = frozenset(self.template.preloaded)
         os.set_blocking(self._req, False)
         os.set_blocking(self._rep, False)

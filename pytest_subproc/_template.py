@@ -8,6 +8,7 @@ are its children, it reports their exit codes.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import select
@@ -42,6 +43,7 @@ class Template:
         self._codes: dict[int, int] = {}  # exit codes reported, not yet collected
         self.preloaded: set[str] = set()
         self._forgotten: set[int] = set()  # workers whose exit code nobody will ask for
+        self._pending: collections.deque[ForkedProcess] = collections.deque()  # forks unanswered
 
     def launch(self) -> None:
         """Start the template process unless it runs; nothing waits for it here.
@@ -56,6 +58,7 @@ class Template:
         self.preloaded.clear()
         self._codes.clear()
         self._forgotten.clear()
+        self._pending.clear()
         kind = getattr(socket, "SOCK_SEQPACKET", socket.SOCK_DGRAM)
         ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
         try:
@@ -71,8 +74,8 @@ class Template:
             theirs.close()
         self._sock = ours  # its "ready" is read with the first answer
 
-    def fork(self, fds: list[int], env: dict[str, str], cwd: str) -> int:
-        """Fork a worker that takes ``fds``; return its pid."""
+    def fork(self, fds: list[int], env: dict[str, str], cwd: str) -> ForkedProcess:
+        """Have a worker forked that takes ``fds``; its pid is read when first needed."""
         self.launch()
         assert self._sock is not None
         try:
@@ -82,10 +85,15 @@ class Template:
                 f"the environment is too large to hand to the worker template ({exc}); "
                 "use --subprocess-start=spawn"
             ) from exc
-        return int(self._answer("forked")[1])
+        proc = ForkedProcess(self)
+        self._pending.append(proc)  # the template answers in order
+        return proc
 
     def preload(self, name: str, path: str, code: Optional[bytes], context: dict[str, Any]) -> None:
-        """Have the template import a test module once, for all workers forked after."""
+        """Have the template import a test module once, for all workers forked after.
+
+        Nothing waits: the template imports it before it forks the next worker.
+        """
         if path in self.preloaded:
             return
         self.launch()
@@ -98,15 +106,13 @@ class Template:
                 _zygote.send(self._sock, {**message, "code": None})
             except _zygote.TooLarge:
                 return  # each worker imports the module itself instead
-        self._answer("imported")
         self.preloaded.add(path)
 
-    def _answer(self, kind: str) -> tuple[Any, ...]:
+    def resolve(self, proc: ForkedProcess) -> None:
+        """Read answers until the template has said which pid ``proc`` got."""
         deadline = _monotonic() + START_TIMEOUT
-        while True:
-            message = self._next(deadline)
-            if isinstance(message, tuple) and message[0] == kind:
-                return message
+        while proc.pid_or_none is None:
+            self._next(deadline)
 
     def exit_code(self, pid: int, wait: float) -> Optional[int]:
         """Return a worker's exit code once the template has reported it (None: not yet)."""
@@ -134,7 +140,9 @@ class Template:
         if message is None:
             self.close()
             raise WorkerStartError("the worker template exited")
-        if message[0] == "exit":
+        if message[0] == "forked":
+            self._pending.popleft().pid_or_none = message[1]
+        elif message[0] == "exit":
             if message[1] in self._forgotten:
                 self._forgotten.discard(message[1])
             else:
@@ -164,11 +172,19 @@ class Template:
 class ForkedProcess:
     """What Worker needs of a Popen, for a worker forked by the template."""
 
-    def __init__(self, pid: int, template: Template) -> None:
-        self.pid = pid
+    def __init__(self, template: Template) -> None:
+        self.pid_or_none: Optional[int] = None  # until the template says
         self.returncode: Optional[int] = None
         self._template = template
         self._code: Optional[int] = None
+
+    @property
+    def pid(self) -> int:
+        """The worker's pid, waiting for the template to tell it if need be."""
+        if self.pid_or_none is None:
+            self._template.resolve(self)
+        assert self.pid_or_none is not None
+        return self.pid_or_none
 
     def exited(self, wait: float) -> bool:
         """Whether the worker has exited, waiting up to ``wait`` seconds to learn it."""

@@ -94,21 +94,17 @@ class Environ:
 
     def update(self, target: dict[str, Optional[str]]) -> dict[str, Optional[str]]:
         """Set these variables (None: unset); return what undoes it."""
-        current = self._current()
-        undo = {}
+        mirror = dict(self._current())
+        undo: dict[str, Optional[str]] = {}
         for key, value in target.items():
-            if current.get(key) != value:
-                undo[key] = current.get(key)
-                if value is None:
-                    del os.environ[key]
-                else:
-                    os.environ[key] = value
-        mirror = dict(current)
-        for key, value in target.items():
+            if mirror.get(key) == value:
+                continue
+            undo[key] = mirror.get(key)
             if value is None:
-                mirror.pop(key, None)
+                del os.environ[key]
+                del mirror[key]
             else:
-                mirror[key] = value
+                os.environ[key] = mirror[key] = value
         self._mirror = mirror
         raw = getattr(os.environ, "_data", None)
         self._raw = dict(raw) if raw is not None else None

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import psutil
 import pytest
+from _inner import wait_for
 
 from pytest_subproc import WorkerCrashed, WorkerStartError, WorkerTimeout, _process
 from pytest_subproc._process import Reply, Worker
@@ -80,15 +81,6 @@ def crash_of(reply: Reply) -> WorkerCrashed:
 def timeout_of(reply: Reply) -> WorkerTimeout:
     assert isinstance(reply.error, WorkerTimeout), f"expected a timeout, got {reply.error!r}"
     return reply.error
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def is_gone(pid: int) -> bool:

@@ -15,11 +15,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Callable
 
 import psutil
 import pytest
+from _inner import read_pids, wait_for
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 
@@ -290,14 +289,6 @@ open({marker!r}, "w").close()
 """
 
 
-def read_pids(path: Path) -> dict[str, int]:
-    pids = {}
-    for line in path.read_text().splitlines():
-        name, pid = line.split()
-        pids[name] = int(pid)
-    return pids
-
-
 def test_subworker_acceptance(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     """One inner run: the API, errors, crashes, timeouts, module scope, hygiene.
 
@@ -444,15 +435,6 @@ def test_busy(subworker):
     os.replace("worker.pid.tmp", "worker.pid")
     subworker.run("import time; time.sleep(300)")
 """
-
-
-def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def is_gone(proc: psutil.Process) -> bool:

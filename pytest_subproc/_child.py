@@ -15,14 +15,16 @@ import linecache
 import os
 import signal
 import sys
-import textwrap
 import threading
 from collections.abc import Iterator
+from types import CodeType
 from typing import IO, Any, Callable, Optional
 
 from pytest_subproc import _codec, _errors, _wire
 from pytest_subproc._wire import Kind
 
+# How many compiled run() sources to keep.
+_COMPILED = 256
 # The parent's cwd: we start elsewhere (where this package lives) and move there.
 CWD_ENV = "PYTEST_SUBPROC_CWD"
 
@@ -152,6 +154,13 @@ class Server:
         # Copies of the capture fds, so a body that closes 1 or 2 cannot take
         # output away from the requests after it.
         self.stdio = (os.dup(1), os.dup(2))
+        self.handlers: dict[int, Callable[..., Any]] = {
+            Kind.RUN: self.on_run,
+            Kind.STORE: self.on_store,
+            Kind.LOAD: self.on_load,
+            Kind.CALL: self.on_call,
+        }
+        self.compiled: dict[tuple[str, str], CodeType] = {}
 
     def serve(self) -> None:
         """Loop until the parent asks us to stop or closes the request pipe."""
@@ -169,7 +178,11 @@ class Server:
         self.reset_stdio()
         try:
             timeout, context, args = _codec.loads(parts)
-            handler: Callable[..., Any] = getattr(self, f"on_{Kind(kind).name.lower()}")
+            handler = self.handlers.get(kind)
+            if handler is None:
+                raise ValueError(f"unknown request kind {kind}")
+            if timeout is None and not context:  # the common case, kept lean
+                return Kind.OK, _codec.dumps(handler(*args))
             self.arm(timeout)
             try:
                 with applied(self.environ, context):
@@ -213,10 +226,17 @@ class Server:
             setattr(sys, name, original)
 
     def on_run(self, source: str, filename: str) -> None:
-        code = textwrap.dedent(source)
-        # Registered so tracebacks and pytest show the source lines.
-        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-        exec(compile(code, filename, "exec"), self.namespace)
+        # The parent names a source by its text, so a source run again is
+        # compiled once; it registers the lines for tracebacks and pytest.
+        key = (source, filename)
+        code = self.compiled.get(key)
+        if code is None:
+            if len(self.compiled) >= _COMPILED:
+                self.compiled.clear()
+            code = self.compiled[key] = compile(source, filename, "exec")
+        if filename not in linecache.cache:
+            linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        exec(code, self.namespace)
 
     def on_store(self, name: str, value: Any) -> None:
         self.namespace[check_name(name)] = value

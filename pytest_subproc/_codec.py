@@ -51,8 +51,48 @@ class _Unpickler(pickle.Unpickler):
         return self.built[index]
 
 
+class _TooLarge(Exception):
+    pass
+
+
+class _SmallStream:
+    """A pickle stream that gives up as soon as it could hold a large byte string.
+
+    Pickling through the C pickler alone is several times faster than with a
+    persistent_id hook called back for every object, and most values are small.
+    A byte string of _APART bytes or more reaches write() whole, before any copy.
+    """
+
+    __slots__ = ("chunks", "size")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        if self.size >= _APART:
+            raise _TooLarge
+        self.chunks.append(data)
+        return len(data)
+
+
+_NONE = [pickle.dumps(None, PROTOCOL)]
+
+
 def dumps(obj: Any) -> list[Buffer]:
     """Return the parts that carry ``obj``: the pickle stream, then large byte strings."""
+    if obj is None:  # what most requests return
+        return list(_NONE)
+    small = _SmallStream()
+    try:
+        pickle.Pickler(small, PROTOCOL).dump(obj)
+    except _TooLarge:
+        return _dumps_apart(obj)
+    return [b"".join(small.chunks)]
+
+
+def _dumps_apart(obj: Any) -> list[Buffer]:
     stream = io.BytesIO()
     parts: list[Buffer] = [b""]
     _Pickler(stream, parts).dump(obj)
@@ -62,4 +102,6 @@ def dumps(obj: Any) -> list[Buffer]:
 
 def loads(parts: list[bytearray]) -> Any:
     """Rebuild the value that dumps() split into ``parts``."""
+    if len(parts) == 1:  # nothing was sent apart, so no persistent ids to resolve
+        return pickle.loads(parts[0])
     return _Unpickler(parts).load()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
+import functools
+import hashlib
 import linecache
 import sys
 import textwrap
@@ -12,7 +13,17 @@ from pytest_subproc._child import check_name
 from pytest_subproc._process import Reply, Worker
 from pytest_subproc._wire import Kind
 
-_run_numbers = itertools.count(1)
+
+@functools.lru_cache(maxsize=256)
+def _named(source: str) -> tuple[str, str]:
+    """Dedent ``source`` and name it by its text.
+
+    The same text always gets the same name, so the worker compiles a source
+    run again only once, and linecache holds one entry per text, not per call.
+    """
+    code = textwrap.dedent(source)
+    digest = hashlib.blake2b(code.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()
+    return code, f"<subworker-run-{digest}>"
 
 
 def check_timeout(timeout: object) -> Optional[float]:
@@ -62,10 +73,10 @@ class Subworker:
         __tracebackhide__ = True
         if not isinstance(source, str):
             raise TypeError(f"source must be a str, not {type(source).__name__}")
-        filename = f"<subworker-run-{next(_run_numbers)}>"
-        code = textwrap.dedent(source)
-        # The same lines the worker registers, so the parent's reports show them too.
-        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        code, filename = _named(source)
+        if filename not in linecache.cache:
+            # The same lines the worker registers, so the parent's reports show them too.
+            linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
         self._request(Kind.RUN, (code, filename), timeout)
 
     def store(self, name: str, value: Any) -> None:

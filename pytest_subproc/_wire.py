@@ -108,6 +108,17 @@ def _wait(fd: int, deadline: Optional[float], *, write: bool) -> None:
 def write_all(fd: int, data: Buffer, deadline: Optional[float] = None) -> None:
     """Write every byte of ``data``, looping over partial writes."""
     view = memoryview(data).cast("B")
+    if len(view) <= _CHUNK:
+        # Most messages move in one write; only what is left takes the loop.
+        try:
+            sent = os.write(fd, view)
+        except BlockingIOError:
+            sent = 0
+        except BrokenPipeError as exc:
+            raise WireClosed("the reading end is closed") from exc
+        if sent == len(view):
+            return
+        view = view[sent:]
     while view:
         try:
             sent = os.write(fd, view[:_CHUNK])
@@ -119,19 +130,35 @@ def write_all(fd: int, data: Buffer, deadline: Optional[float] = None) -> None:
         view = view[sent:]
 
 
-def _readinto(fd: int, view: memoryview) -> int:
-    if hasattr(os, "readv"):
-        return os.readv(fd, [view])
-    chunk = os.read(fd, len(view))  # pragma: no cover - platforms without readv
-    view[: len(chunk)] = chunk  # pragma: no cover
-    return len(chunk)  # pragma: no cover
+def _readv(fd: int, buf: Union[bytearray, memoryview]) -> int:
+    return os.readv(fd, [buf])
+
+
+def _read_copy(fd: int, buf: Union[bytearray, memoryview]) -> int:  # pragma: no cover
+    chunk = os.read(fd, len(buf))  # platforms without readv
+    buf[: len(chunk)] = chunk
+    return len(chunk)
+
+
+_readinto = _readv if hasattr(os, "readv") else _read_copy
 
 
 def read_exact(fd: int, size: int, deadline: Optional[float] = None) -> bytearray:
     """Read exactly ``size`` bytes; WireClosed on end-of-file before the first byte."""
     buf = bytearray(size)
-    view = memoryview(buf)
     got = 0
+    if size <= _CHUNK:
+        # Most reads find the whole of it there at once.
+        try:
+            got = _readinto(fd, buf)
+        except BlockingIOError:
+            _wait(fd, deadline, write=False)
+        else:
+            if got == size:
+                return buf
+            if got == 0:
+                raise WireClosed("end of file: the peer is gone")
+    view = memoryview(buf)
     while got < size:
         try:
             n = _readinto(fd, view[got : got + _CHUNK])
@@ -179,12 +206,19 @@ def recv(fd: int, deadline: Optional[float] = None) -> tuple[int, bytearray]:
 # buffers of their own, so a large part is never joined or split by copying.
 _COUNT = struct.Struct("<I")
 _LENGTH = struct.Struct("<Q")
+_ONE_PART = struct.Struct("<IQ")  # the table of a one-part message
 
 
 def send_parts(
     fd: int, kind: int, parts: Sequence[Buffer], deadline: Optional[float] = None
 ) -> None:
     """Send one message made of ``parts``; recv_parts gives them back apart."""
+    if len(parts) == 1 and type(parts[0]) is bytes and len(parts[0]) <= _JOIN_LIMIT:
+        # Most messages: one small pickle. Built in one go, sent in one write.
+        only = parts[0]
+        header = encode_header(kind, _ONE_PART.size + len(only))
+        write_all(fd, header + _ONE_PART.pack(1, len(only)) + only, deadline)
+        return
     sizes = [memoryview(part).nbytes for part in parts]
     table = _COUNT.pack(len(parts)) + b"".join(_LENGTH.pack(n) for n in sizes)
     header = encode_header(kind, len(table) + sum(sizes))
@@ -220,6 +254,10 @@ def _sizes(table: Buffer, count: int) -> list[int]:
 
 
 def _split(payload: bytearray) -> list[bytearray]:
+    if len(payload) >= _ONE_PART.size:
+        count, size = _ONE_PART.unpack_from(payload)
+        if count == 1 and _ONE_PART.size + size == len(payload):
+            return [payload[_ONE_PART.size :]]
     if len(payload) < _COUNT.size:
         raise WireCorrupt("a message too short for its part table")
     (count,) = _COUNT.unpack_from(payload)

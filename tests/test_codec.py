@@ -65,3 +65,12 @@ def test_byte_string_subclasses_keep_their_type() -> None:
     back, _ = round_trip(value)
     assert type(back) is Tagged
     assert back == value
+
+
+def test_a_large_value_without_byte_strings_is_still_one_part() -> None:
+    # Past the size where the fast path gives up, the value is pickled again
+    # with byte strings kept apart; there are none, so one part it is.
+    value = [f"item {i}" for i in range(20_000)]
+    back, parts = round_trip(value)
+    assert back == value
+    assert len(parts) == 1

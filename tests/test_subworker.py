@@ -32,6 +32,7 @@ import decimal
 import enum
 import fractions
 import os
+import re
 import signal
 import threading
 import time
@@ -120,6 +121,18 @@ def test_defect_14_source_lines_in_report(subworker):
         b = a / 0  # the failing line
         """
     )
+
+
+def test_a_source_run_again_keeps_its_name_and_its_own_lines(subworker):
+    first, second = "x = 1\\nraise ValueError('first')", "y = 2\\nraise KeyError('second')"
+    names = []
+    for source, line in [(first, "first"), (second, "second"), (first, "first")]:
+        with pytest.raises((ValueError, KeyError)) as info:
+            subworker.run(source)
+        cause = str(info.value.__cause__)
+        assert f"raise {type(info.value).__name__}('{line}')" in cause
+        names.append(re.search(r"<subworker-run-\\w+>", cause).group())
+    assert names[0] == names[2] != names[1]
 
 
 def test_defect_12_skip_inside_run(subworker):
@@ -307,7 +320,7 @@ def test_subworker_acceptance(pytester: pytest.Pytester, monkeypatch: pytest.Mon
         *INNER_ARGS, "-rA", "test_api.py", "test_scope_a.py", "test_scope_b.py",
         timeout=INNER_TIMEOUT,
     )  # fmt: skip
-    result.assert_outcomes(passed=24, failed=2, skipped=1, xfailed=1)
+    result.assert_outcomes(passed=25, failed=2, skipped=1, xfailed=1)
     lines = result.stdout.lines
     out = result.stdout.str()
 

@@ -173,7 +173,7 @@ class Server:
                 return
             self.reply(*self.handle(kind, parts))
 
-    def handle(self, kind: int, parts: list[bytearray]) -> tuple[int, list[_wire.Buffer]]:
+    def handle(self, kind: int, parts: list[_wire.Received]) -> tuple[int, list[_wire.Buffer]]:
         """Run one request and return the reply (kind, parts); never raises."""
         self.reset_stdio()
         try:

@@ -11,7 +11,7 @@ import io
 import pickle
 from typing import Any, Optional
 
-from pytest_subproc._wire import Buffer
+from pytest_subproc._wire import Buffer, Received
 
 PROTOCOL = 5
 # Below this, a byte string costs less inside the stream than as a part.
@@ -37,7 +37,7 @@ class _Pickler(pickle.Pickler):
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, parts: list[bytearray]) -> None:
+    def __init__(self, parts: list[Received]) -> None:
         super().__init__(io.BytesIO(parts[0]))
         self.parts = parts
         self.built: dict[int, Any] = {}
@@ -46,8 +46,9 @@ class _Unpickler(pickle.Unpickler):
         kind, index = pid
         if index not in self.built:
             part = self.parts[index]
-            # A bytearray is its part itself; bytes needs one copy, being immutable.
-            self.built[index] = part if kind == "bytearray" else bytes(part)
+            # A part that arrived as the type wanted is used as it is, uncopied.
+            wanted = bytearray if kind == "bytearray" else bytes
+            self.built[index] = part if type(part) is wanted else wanted(part)
         return self.built[index]
 
 
@@ -100,7 +101,7 @@ def _dumps_apart(obj: Any) -> list[Buffer]:
     return parts
 
 
-def loads(parts: list[bytearray]) -> Any:
+def loads(parts: list[Received]) -> Any:
     """Rebuild the value that dumps() split into ``parts``."""
     if len(parts) == 1:  # nothing was sent apart, so no persistent ids to resolve
         return pickle.loads(parts[0])

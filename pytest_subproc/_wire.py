@@ -30,6 +30,7 @@ _CHUNK = 1 << 20
 _F_SETPIPE_SZ = 1031
 
 Buffer = Union[bytes, bytearray, memoryview]
+Received = Union[bytes, bytearray]
 
 
 class WireError(Exception):
@@ -158,19 +159,49 @@ def read_exact(fd: int, size: int, deadline: Optional[float] = None) -> bytearra
                 return buf
             if got == 0:
                 raise WireClosed("end of file: the peer is gone")
-    view = memoryview(buf)
-    while got < size:
+    _fill(fd, memoryview(buf), deadline, got)
+    return buf
+
+
+def read_bytes(fd: int, size: int, deadline: Optional[float] = None) -> bytes:
+    """Read exactly ``size`` bytes as bytes; end-of-file as in read_exact.
+
+    The bytes pass through one reused buffer a chunk at a time and are joined
+    once: reading into a fresh buffer of the full size and copying that into
+    bytes would touch twice as much fresh memory, which costs more than the
+    copying itself.
+    """
+    scratch = memoryview(bytearray(min(size, _CHUNK)))
+    chunks = []
+    for start in range(0, size, len(scratch)):
+        view = scratch[: min(len(scratch), size - start)]
+        _fill(fd, view, deadline, 0, start, size)
+        chunks.append(bytes(view))
+    return b"".join(chunks)
+
+
+def _fill(
+    fd: int,
+    view: memoryview,
+    deadline: Optional[float],
+    got: int,
+    before: int = 0,
+    total: Optional[int] = None,
+) -> None:
+    """Fill ``view`` from ``got`` on; ``before`` bytes of a ``total`` were read earlier."""
+    while got < len(view):
         try:
             n = _readinto(fd, view[got : got + _CHUNK])
         except BlockingIOError:
             _wait(fd, deadline, write=False)
             continue
         if n == 0:
-            if got == 0:
+            done = before + got
+            if done == 0:
                 raise WireClosed("end of file: the peer is gone")
-            raise WireTruncated(f"end of file after {got} of {size} bytes")
+            size = len(view) if total is None else total
+            raise WireTruncated(f"end of file after {done} of {size} bytes")
         got += n
-    return buf
 
 
 def send(fd: int, kind: int, payload: Buffer = b"", deadline: Optional[float] = None) -> None:
@@ -202,10 +233,12 @@ def recv(fd: int, deadline: Optional[float] = None) -> tuple[int, bytearray]:
 
 
 # A multi-part message's payload starts with a table: the part count, then
-# each part's length. Parts are written from their own buffers and read into
-# buffers of their own, so a large part is never joined or split by copying.
+# each part's length, its top bit set for a part sent from a bytearray. Parts
+# are written from their own buffers; a large part is read straight into a
+# bytearray of its own if it left as one, else into bytes.
 _COUNT = struct.Struct("<I")
 _LENGTH = struct.Struct("<Q")
+_MUTABLE = 1 << 63
 _ONE_PART = struct.Struct("<IQ")  # the table of a one-part message
 
 
@@ -220,7 +253,8 @@ def send_parts(
         write_all(fd, header + _ONE_PART.pack(1, len(only)) + only, deadline)
         return
     sizes = [memoryview(part).nbytes for part in parts]
-    table = _COUNT.pack(len(parts)) + b"".join(_LENGTH.pack(n) for n in sizes)
+    entries = [n | _MUTABLE if isinstance(p, bytearray) else n for p, n in zip(parts, sizes)]
+    table = _COUNT.pack(len(parts)) + b"".join(_LENGTH.pack(e) for e in entries)
     header = encode_header(kind, len(table) + sum(sizes))
     small = [bytes(part) for part, n in zip(parts, sizes) if n <= _JOIN_LIMIT]
     if len(small) == len(parts) and sum(sizes) <= _JOIN_LIMIT:
@@ -231,29 +265,38 @@ def send_parts(
         write_all(fd, part, deadline)
 
 
-def recv_parts(fd: int, deadline: Optional[float] = None) -> tuple[int, list[bytearray]]:
-    """Receive one message sent by send_parts, as (kind, parts)."""
+def recv_parts(fd: int, deadline: Optional[float] = None) -> tuple[int, list[Received]]:
+    """Receive one message sent by send_parts, as (kind, parts).
+
+    A part sent from a bytearray arrives as a bytearray; a large part sent
+    from anything else arrives as bytes, a small one as bytes or bytearray.
+    """
     kind, length = decode_header(read_exact(fd, HEADER.size, deadline))
     try:
         if length <= _JOIN_LIMIT:
             # Small: one read for the whole payload, then cut it up.
             return kind, _split(read_exact(fd, length, deadline))
         (count,) = _COUNT.unpack(read_exact(fd, _COUNT.size, deadline))
-        sizes = _sizes(read_exact(fd, count * _LENGTH.size, deadline), count)
-        if _COUNT.size + count * _LENGTH.size + sum(sizes) != length:
+        entries = _entries(read_exact(fd, count * _LENGTH.size, deadline), count)
+        if _COUNT.size + count * _LENGTH.size + sum(n for n, _ in entries) != length:
             raise WireCorrupt(f"a part table of {count} parts does not add up to {length} bytes")
-        return kind, [read_exact(fd, n, deadline) for n in sizes]
+        return kind, [
+            read_exact(fd, n, deadline) if mutable else read_bytes(fd, n, deadline)
+            for n, mutable in entries
+        ]
     except WireTruncated:
         raise
     except WireClosed as exc:
         raise WireTruncated(f"end of file inside a message of {length} bytes") from exc
 
 
-def _sizes(table: Buffer, count: int) -> list[int]:
-    return [_LENGTH.unpack_from(table, i * _LENGTH.size)[0] for i in range(count)]
+def _entries(table: Buffer, count: int) -> list[tuple[int, bool]]:
+    """Each part's (size, whether it left as a bytearray) from a part table."""
+    raw = (_LENGTH.unpack_from(table, i * _LENGTH.size)[0] for i in range(count))
+    return [(e & ~_MUTABLE, bool(e & _MUTABLE)) for e in raw]
 
 
-def _split(payload: bytearray) -> list[bytearray]:
+def _split(payload: bytearray) -> list[Received]:
     if len(payload) >= _ONE_PART.size:
         count, size = _ONE_PART.unpack_from(payload)
         if count == 1 and _ONE_PART.size + size == len(payload):
@@ -264,10 +307,10 @@ def _split(payload: bytearray) -> list[bytearray]:
     start = _COUNT.size + count * _LENGTH.size
     if start > len(payload):
         raise WireCorrupt(f"a part table of {count} parts overruns its message")
-    sizes = _sizes(memoryview(payload)[_COUNT.size : start], count)
+    sizes = [n for n, _ in _entries(memoryview(payload)[_COUNT.size : start], count)]
     if start + sum(sizes) != len(payload):
         raise WireCorrupt(f"a part table of {count} parts does not add up to {len(payload)} bytes")
-    parts = []
+    parts: list[Received] = []
     for n in sizes:
         parts.append(payload[start : start + n])
         start += n

@@ -47,6 +47,11 @@ def test_a_received_bytearray_is_its_part_no_copy() -> None:
     assert back is parts[1]
 
 
+def test_a_received_bytes_part_is_used_uncopied() -> None:
+    parts = [bytes(p) for p in _codec.dumps(b"q" * (1 << 17))]
+    assert _codec.loads(parts) is parts[1]
+
+
 def test_the_same_object_twice_is_one_part_and_stays_one_object() -> None:
     big = b"z" * (1 << 17)
     back, parts = round_trip([big, big, bytearray(big)])

@@ -1000,6 +1000,37 @@ def test_parts_round_trip_apart(pipe: Pipe, sizes: list[int]) -> None:
     assert all(first_difference(g, p) is None for g, p in zip(got, parts))
 
 
+@pytest.mark.parametrize("wrap", [bytes, bytearray, memoryview], ids=lambda t: t.__name__)
+def test_a_large_part_arrives_as_bytearray_only_if_it_left_as_one(
+    pipe: Pipe, wrap: Callable[[bytes], Any]
+) -> None:
+    big = bytes(pattern(3 * MIB + 5))
+    reader = Worker(_wire.recv_parts, pipe.r)
+    _wire.send_parts(pipe.w, 9, [b"head", wrap(big)])
+    _, (head, got) = reader.join()
+    assert bytes(head) == b"head"
+    assert type(got) is (bytearray if wrap is bytearray else bytes)
+    assert first_difference(got, big) is None
+
+
+def test_read_bytes_across_chunks_and_its_end_of_file(pipe: Pipe) -> None:
+    data = bytes(pattern(2 * MIB + 3))
+    reader = Worker(_wire.read_bytes, pipe.r, len(data))
+    _wire.write_all(pipe.w, data)
+    got = reader.join()
+    assert type(got) is bytes
+    assert first_difference(got, data) is None
+    # End of file past the first chunk is truncation, and says how far it got.
+    reader = Worker(_wire.read_bytes, pipe.r, 2 * MIB)
+    _wire.write_all(pipe.w, data[: MIB + MIB // 2])
+    pipe.close_w()
+    with pytest.raises(WireTruncated, match=f"after {MIB + MIB // 2} of {2 * MIB} bytes"):
+        reader.join()
+    with pytest.raises(WireClosed) as closed:
+        _wire.read_bytes(pipe.r, MIB)
+    assert not isinstance(closed.value, WireTruncated)
+
+
 def test_parts_and_plain_messages_interleave(pipe: Pipe) -> None:
     reader = Worker(lambda: [_wire.recv_parts(pipe.r), _wire.recv(pipe.r)])
     _wire.send_parts(pipe.w, 1, [b"ab", b"c"])

@@ -60,86 +60,89 @@ def watch_parent(life_fd: int) -> None:
     threading.Thread(target=wait, name="pytest_subproc-lifeline", daemon=True).start()
 
 
-class Environ:
-    """Sets os.environ to the parent's for a call and back, touching only what differs.
+def set_variables(values: dict[str, Optional[str]]) -> None:
+    """Set these environment variables (None: unset), touching only those that differ."""
+    for key, value in values.items():
+        if os.environ.get(key) == value:
+            continue
+        if value is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = value
 
-    Clearing and refilling os.environ costs hundreds of microseconds per call,
-    more than the rest of a small test; usually only a variable or two differ.
+
+def _target(env: dict[str, str]) -> dict[str, Optional[str]]:
+    """What to set to make os.environ equal ``env``."""
+    target: dict[str, Optional[str]] = dict.fromkeys(os.environ.keys() - env.keys())
+    target.update(env)
+    return target
+
+
+class Environ:
+    """Makes os.environ the parent's for each call, touching only what changed.
+
+    Refilling os.environ costs hundreds of microseconds, more than the rest of
+    a small test; between two calls one variable or two usually change. Nothing
+    is put back after a call: the next call sets what it needs.
     """
 
     def __init__(self) -> None:
-        self._mirror: dict[str, str] = {}
-        self._raw: object = None  # os.environ's data when the mirror was taken
         # The parent's environment as it last told us, whole or as changes.
         self.parent: dict[str, str] = {}
+        self._seen: object = None  # os.environ's data when it last equalled self.parent
 
-    def parents(self, context: dict[str, Any]) -> Optional[dict[str, str]]:
-        """The parent's environment for this call, from the context's env or env changes."""
+    def apply(self, context: dict[str, Any]) -> None:
+        """Make os.environ equal the parent's environment the context gives or changes."""
+        changes: Optional[dict[str, Optional[str]]] = None
         if "env" in context:
             self.parent = dict(context["env"])
         elif "env_changes" in context:
-            for key, value in context["env_changes"].items():
+            changes = context["env_changes"]
+            for key, value in changes.items():
                 if value is None:
                     self.parent.pop(key, None)
                 else:
                     self.parent[key] = value
         else:
-            return None
-        return self.parent
-
-    def _current(self) -> dict[str, str]:
+            return
         raw = getattr(os.environ, "_data", None)
-        if raw is None or raw != self._raw:  # changed behind our back: look again
-            self._mirror = dict(os.environ)
-            self._raw = dict(raw) if raw is not None else None
-        return self._mirror
+        if changes is None or raw is None or raw != self._seen:
+            changes = _target(self.parent)  # changed behind our back: compare it all
+        set_variables(changes)
+        self._seen = dict(raw) if raw is not None else None
 
-    def update(self, target: dict[str, Optional[str]]) -> dict[str, Optional[str]]:
-        """Set these variables (None: unset); return what undoes it."""
-        mirror = dict(self._current())
-        undo: dict[str, Optional[str]] = {}
-        for key, value in target.items():
-            if mirror.get(key) == value:
-                continue
-            undo[key] = mirror.get(key)
-            if value is None:
-                del os.environ[key]
-                del mirror[key]
-            else:
-                os.environ[key] = mirror[key] = value
-        self._mirror = mirror
-        raw = getattr(os.environ, "_data", None)
-        self._raw = dict(raw) if raw is not None else None
-        return undo
 
-    def become(self, env: dict[str, str]) -> dict[str, Optional[str]]:
-        """Make os.environ equal ``env``; return what undoes it."""
-        target: dict[str, Optional[str]] = dict(env)
-        target.update(dict.fromkeys(self._current().keys() - env.keys()))
-        return self.update(target)
+def _getcwd() -> Optional[str]:
+    try:
+        return os.getcwd()
+    except OSError:  # a body left us in a directory since removed
+        return None
+
+
+def enter(environ: Environ, context: dict[str, Any]) -> None:
+    """Make the parent's environment, cwd and sys.path ours for a call."""
+    environ.apply(context)
+    cwd = context.get("cwd")
+    if cwd is not None and cwd != _getcwd():
+        os.chdir(cwd)
+    path = context.get("path")
+    if path is not None and sys.path != path:
+        sys.path[:] = path
 
 
 @contextlib.contextmanager
-def applied(environ: Environ, context: Optional[dict[str, Any]]) -> Iterator[None]:
-    """Apply the parent's environment, cwd and sys.path for one call, then restore ours."""
-    if not context:
-        yield
-        return
-    saved_cwd, saved_path = os.getcwd(), list(sys.path)
-    env = environ.parents(context)
-    undo = environ.become(env) if env is not None else {}
+def applied(context: dict[str, Any]) -> Iterator[None]:
+    """Apply the parent's environment, cwd and sys.path for a while, then restore ours."""
+    env, cwd, path = dict(os.environ), _getcwd(), list(sys.path)
     try:
-        if context.get("cwd", saved_cwd) != saved_cwd:
-            os.chdir(context["cwd"])
-        if "path" in context:
-            sys.path[:] = context["path"]
+        enter(Environ(), context)
         yield
     finally:
-        environ.update(undo)
-        if os.getcwd() != saved_cwd:
+        set_variables(_target(env))
+        if cwd is not None and cwd != _getcwd():
             with contextlib.suppress(OSError):
-                os.chdir(saved_cwd)
-        sys.path[:] = saved_path
+                os.chdir(cwd)
+        sys.path[:] = path
 
 
 class Server:
@@ -181,12 +184,13 @@ class Server:
             handler = self.handlers.get(kind)
             if handler is None:
                 raise ValueError(f"unknown request kind {kind}")
-            if timeout is None and not context:  # the common case, kept lean
+            if context:
+                enter(self.environ, context)
+            if timeout is None:
                 return Kind.OK, _codec.dumps(handler(*args))
             self.arm(timeout)
             try:
-                with applied(self.environ, context):
-                    result = handler(*args)
+                result = handler(*args)
             finally:
                 faulthandler.cancel_dump_traceback_later()
             return Kind.OK, _codec.dumps(result)

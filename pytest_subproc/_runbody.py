@@ -222,20 +222,25 @@ class _Records(logging.Handler):
             return f"{record.msg!r} (could not format {record.args!r}: {exc})"
 
 
+_RECORDS = _Records()  # one handler for every body: making one costs a lock and more
+
+
 @contextlib.contextmanager
 def _observed(log_level: int) -> Iterator[tuple[list[warnings.WarningMessage], _Records]]:
     """Record the warnings and log records of a body, as pytest does in-process."""
-    root = logging.getLogger()
-    handler, saved_level = _Records(), root.level
-    root.addHandler(handler)
-    root.setLevel(log_level)
+    root, saved_level = logging.getLogger(), logging.getLogger().level
+    _RECORDS.kept = []
+    root.addHandler(_RECORDS)
+    if saved_level != log_level:  # setLevel clears every logger's cache
+        root.setLevel(log_level)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # the parent's filters decide, not ours
-            yield caught, handler
+            yield caught, _RECORDS
     finally:
-        root.removeHandler(handler)
-        root.setLevel(saved_level)
+        root.removeHandler(_RECORDS)
+        if root.level != saved_level:
+            root.setLevel(saved_level)
 
 
 def _warning_rows(

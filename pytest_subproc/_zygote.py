@@ -75,7 +75,7 @@ def _preload(message: dict[str, Any]) -> str:
     from pytest_subproc import _runbody
 
     try:
-        with _child.applied(_child.Environ(), message["context"]):
+        with _child.applied(message["context"]):
             _runbody.import_test_module(message["name"], message["path"], message["code"])
     except BaseException as exc:  # reported by the worker instead
         return f"{type(exc).__name__}: {exc}"

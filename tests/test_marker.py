@@ -768,6 +768,29 @@ def test_environment_changes_reach_the_worker_and_are_taken_back(
     run(pytester).assert_outcomes(passed=2)
 
 
+def test_a_body_that_leaves_the_worker_in_a_removed_directory(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next test in the same worker starts in the parent's cwd all the same."""
+    pytester.makepyfile(
+        """
+        import os, tempfile, pytest
+
+        pytestmark = pytest.mark.subprocess
+
+        def test_leaves_a_removed_cwd():
+            where = tempfile.mkdtemp()
+            os.chdir(where)
+            os.rmdir(where)
+
+        def test_next():
+            assert os.getcwd() == os.environ["INNER_CWD"]
+        """
+    )
+    monkeypatch.setenv("INNER_CWD", str(pytester.path))
+    run(pytester).assert_outcomes(passed=2)
+
+
 def test_a_method_runs_on_the_instance_its_setup_prepared(pytester: pytest.Pytester) -> None:
     """setup_method and class fixtures set attributes the body sees, as in-process."""
     pytester.makepyfile(

@@ -30,6 +30,7 @@ _CHUNK = 1 << 20
 _F_SETPIPE_SZ = 1031
 
 Buffer = Union[bytes, bytearray, memoryview]
+_clock = time.perf_counter  # taken at import: tests that mock time cannot stall a spin
 Received = Union[bytes, bytearray]
 
 
@@ -104,6 +105,23 @@ def _wait(fd: int, deadline: Optional[float], *, write: bool) -> None:
         ready = any(select.select(rlist, wlist, [], timeout))
     if not ready:
         raise WireTimeout("deadline passed")
+
+
+def await_readable(fd: int, spin: float) -> None:
+    """Poll ``fd`` without sleeping for up to ``spin`` seconds, yielding the CPU between polls.
+
+    Waking a process asleep in poll() costs tens of microseconds, more on a
+    virtual machine, which is more than a small reply takes to come; staying
+    awake a little while is cheaper. Returns when ``fd`` is readable (or at
+    end-of-file) or when the time is up; the reading is left to the caller.
+    """
+    if not (hasattr(select, "poll") and hasattr(os, "sched_yield")):  # pragma: no cover
+        return
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    end = _clock() + spin
+    while not poller.poll(0) and _clock() < end:
+        os.sched_yield()  # a process that shares this CPU, the worker maybe, runs first
 
 
 def write_all(fd: int, data: Buffer, deadline: Optional[float] = None) -> None:

@@ -694,6 +694,23 @@ def test_deadlines_work_on_fds_above_fd_setsize(pipe: Pipe) -> None:
 # --- end of file (defect 4)
 
 
+def test_await_readable_returns_at_once_for_data_or_end_of_file(pipe: Pipe) -> None:
+    os.write(pipe.w, b"x")
+    started = time.monotonic()
+    _wire.await_readable(pipe.r, 30.0)
+    assert os.read(pipe.r, 1) == b"x"
+    pipe.close_w()
+    _wire.await_readable(pipe.r, 30.0)
+    assert time.monotonic() - started < JOIN_TIMEOUT / 2
+    assert os.read(pipe.r, 1) == b""
+
+
+def test_await_readable_gives_up_when_its_time_is_up(pipe: Pipe) -> None:
+    started = time.monotonic()
+    _wire.await_readable(pipe.r, 0.05)
+    assert 0.04 <= time.monotonic() - started < JOIN_TIMEOUT / 2
+
+
 def test_truncated_is_closed_but_not_corrupt() -> None:
     assert issubclass(WireTruncated, WireClosed)
     assert not issubclass(WireTruncated, WireCorrupt)

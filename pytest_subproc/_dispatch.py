@@ -192,7 +192,9 @@ class Runtime:
             self.casualties.append((item.nodeid, str(reply.error).partition("\n")[0]))
             # Point the report at the line the worker was on, as for any failure.
             reply.error.__traceback__ = stack_traceback(reply.error.stack, item)
-        result: _runbody.BodyResult = reply.unwrap()
+        result: Optional[_runbody.BodyResult] = reply.unwrap()
+        if result is None:
+            return  # passed, nothing to report
         replay(result)
         if result.returned is not None:
             warn_return(item, result.returned)

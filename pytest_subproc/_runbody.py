@@ -276,12 +276,18 @@ def _call(spec: BodySpec, code: Optional[bytes]) -> Optional[str]:
     return type(result).__name__
 
 
-def run_body(spec: BodySpec, code: Optional[bytes] = None) -> BodyResult:
-    """Run one test body; what it raised travels inside the result, beside its logs."""
+def run_body(spec: BodySpec, code: Optional[bytes] = None) -> Optional[BodyResult]:
+    """Run one test body; what it raised travels inside the result, beside its logs.
+
+    None stands for a body that passed and left nothing to report, the most
+    common result and the cheapest to send.
+    """
     returned, error = None, None
     with _observed(spec.log_level) as (caught, records):
         try:
             returned = _call(spec, code)
         except BaseException as exc:  # every outcome goes back, skip and exit included
             error = _errors.dump_exception(exc)
+    if returned is None and error is None and not caught and not records.kept:
+        return None
     return BodyResult(returned, error, _warning_rows(caught), tuple(records.kept))

@@ -44,3 +44,50 @@ def test_the_code_pytest_rewrites_is_kept(pytester: pytest.Pytester) -> None:
         c for c in marshal.loads(code).co_consts if getattr(c, "co_name", "") == "test_it"
     )
     assert any(name.startswith("@py_assert") for name in test_it.co_varnames)
+
+
+BODIES = """
+import logging, warnings
+
+def test_quiet():
+    assert True
+
+def test_warns():
+    warnings.warn("careful", UserWarning)
+
+def test_logs():
+    logging.getLogger("body").warning("noted %s", 1)
+
+def test_fails():
+    assert 1 == 2
+
+def test_returns():
+    return 5
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "expect"),
+    [
+        ("test_quiet", None),
+        ("test_warns", "warnings"),
+        ("test_logs", "records"),
+        ("test_fails", "error"),
+        ("test_returns", "returned"),
+    ],
+)
+def test_a_body_with_nothing_to_report_returns_none(
+    tmp_path: Path, name: str, expect: str | None
+) -> None:
+    path = tmp_path / "mod_bodies.py"
+    path.write_text(BODIES)
+    try:
+        spec = _runbody.BodySpec("mod_bodies", str(path), name)
+        result = _runbody.run_body(spec)
+    finally:
+        sys.modules.pop("mod_bodies", None)
+    if expect is None:
+        assert result is None
+    else:
+        assert result is not None
+        assert getattr(result, expect)

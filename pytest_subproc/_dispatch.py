@@ -97,17 +97,21 @@ class Runtime:
         if self.template is not None:
             self.template.launch()
 
-    def new_worker(self, item: pytest.Item, scope: str) -> Worker:
-        """Return a worker for one scope instance; it starts on first use."""
+    def new_worker(self, node: pytest.Item | pytest.Collector, scope: str) -> Worker:
+        """Return a worker for one scope instance (its test or module); it starts on first use."""
         self.warm_up()
-        if scope == "session" or self.template is None or not isinstance(item, pytest.Function):
+        if (
+            scope == "session"
+            or self.template is None
+            or not isinstance(node, (pytest.Function, pytest.Module))
+        ):
             return self._worker()
         # A worker per module or per test: each takes the one forked while the
         # one before it served, and has the next forked meanwhile, from a
         # template that has imported this test module and the next one.
-        path = _module_path(item)
+        path = _module_path(node)
         context = _call_context()
-        for module in (item.module.__name__, path), self.module_after(path):
+        for module in (node.module.__name__, path), self.module_after(path):
             if module is not None:
                 self.preload(module[0], module[1], context)
         if self.spare is not None and path not in self.spare.preloaded:
@@ -202,9 +206,9 @@ class Runtime:
             raise _errors.load_exception(result.error)
 
 
-def _module_path(item: pytest.Item) -> str:
-    module = item.module  # type: ignore[attr-defined]
-    return str(getattr(module, "__file__", None) or item.path)
+def _module_path(node: pytest.Item | pytest.Collector) -> str:
+    module = node.module  # type: ignore[union-attr]
+    return str(getattr(module, "__file__", None) or node.path)
 
 
 def _code_for(worker: Worker, spec: _runbody.BodySpec) -> Optional[bytes]:

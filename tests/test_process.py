@@ -618,6 +618,39 @@ def test_close_kills_grandchildren(leave_group: bool) -> None:
             kill_if_running(gpid)
 
 
+@posix_only
+def test_descendants_are_found_whichever_thread_started_them(worker: Worker) -> None:
+    """The quick /proc reading finds what psutil's scan of every process finds."""
+    in_group = spawn_grandchild(worker, leave_group=False)
+    from_a_thread = None
+    try:
+        ok(run(worker, THREAD_GRANDCHILD))
+        from_a_thread = load(worker, "tpid")
+        assert worker.pid is not None
+        found = {p.pid for p in _process.descendants(worker.pid)}
+        assert found == {p.pid for p in psutil.Process(worker.pid).children(recursive=True)}
+        assert {in_group, from_a_thread} <= found
+        assert _process.descendants(in_group) == []
+    finally:
+        for pid in (in_group, from_a_thread):
+            if pid is not None:
+                kill_if_running(pid)
+
+
+THREAD_GRANDCHILD = """
+    import subprocess, sys, threading
+    started = []
+
+    def start():
+        started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"]))
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join()
+    tpid = started[0].pid
+"""
+
+
 # --- output ---------------------------------------------------------------------------------
 
 

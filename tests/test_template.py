@@ -199,6 +199,38 @@ def test_a_test_module_is_imported_once_for_all_its_forked_workers(
 
 @needs_fork
 @pytest.mark.usefixtures("no_plugin_autoload")
+def test_each_modules_worker_is_forked_with_its_module_imported(
+    pytester: pytest.Pytester, pidlog: Path
+) -> None:
+    """Module scope: the template imports each module, and the next, before forking."""
+    for name in ("a", "b", "c"):
+        pytester.makepyfile(
+            **{
+                f"test_{name}": f"""
+                import pytest, pidlog
+
+                pidlog.log("import-{name}")
+
+                @pytest.mark.subprocess
+                @pytest.mark.parametrize("n", range(2))
+                def test_body(n):
+                    pidlog.log("body-{name}")
+                """
+            }
+        )
+    result = pytester.runpytest_subprocess(*PLUGIN)
+    result.assert_outcomes(passed=6)
+    pids = [line.split() for line in pidlog.read_text().split("\n") if line]
+    for name in ("a", "b", "c"):
+        imports = {pid for what, pid in pids if what == f"import-{name}"}
+        bodies = {pid for what, pid in pids if what == f"body-{name}"}
+        assert len(imports) == 2  # pytest and the template: never the worker
+        assert len(bodies) == 1
+        assert not bodies & imports
+
+
+@needs_fork
+@pytest.mark.usefixtures("no_plugin_autoload")
 def test_a_module_too_large_for_one_message_still_runs(pytester: pytest.Pytester) -> None:
     """The template gets the module's path alone, and rewrites it itself."""
     many = "\n".join(f"def test_{i}():\n    assert {i} == {i}, 'x' * 64" for i in range(3000))

@@ -215,7 +215,7 @@ class Worker:
         self.capture = capture
         self.start_timeout = start_timeout
         self.template = template
-        self.starts = 0
+        self.starts = 0  # processes that said READY: one, plus one per replacement
         # Test modules this worker was sent (so their code need not travel again),
         # and fixture values it has shown it can rebuild, as (name, hash of the bytes).
         self.modules: set[str] = set()
@@ -257,7 +257,6 @@ class Worker:
         }
         self._ready = False
         self._spawn()
-        self.starts += 1
 
     def start(self) -> None:
         """Start the worker unless it runs, and wait for it to say it is ready."""
@@ -272,6 +271,7 @@ class Worker:
         except _wire.WireError as exc:
             self._fail_start(exc)
         self._ready = True
+        self.starts += 1  # counted once serving: a worker forked ahead may never be
         if isinstance(self._proc, ForkedProcess) and self.template is not None:
             # Its pid is in the template's answers by now; take it while the
             # template is surely there to read from.

@@ -161,7 +161,7 @@ def _environment() -> tuple[Path, dict[str, str], str]:
 def run(quick: bool) -> str:
     """Run the suite in every configuration and return the report."""
     tests = 200 if quick else 1000
-    repeats = 1 if quick else 3
+    repeats = 1 if quick else 5
     python, env, about = _environment()
     results = {c.key: Result() for c in CONFIGS}
     with tempfile.TemporaryDirectory(prefix="pytest_subproc-bench-suite-") as tmp:
@@ -181,7 +181,8 @@ def run(quick: bool) -> str:
                 progress(f"suite: {config.label}, {tests} tests, run {rep + 1} of {repeats}")
                 measure(config, python, dirs[config.key], env, tests, result)
     head = (
-        f"Suite: {tests} trivial tests, {PER_MODULE} per module, median of {repeats} run(s) "
+        f"Suite: {tests} trivial tests, {PER_MODULE} per module, {repeats} round(s); overheads "
+        f"are medians of each run less the in-process run of its round "
         f"(function scope: 1)\n{about}"
     )
     return f"{head}\n{_times(results, tests)}\n\n{_ratios(results, tests)}"
@@ -192,11 +193,17 @@ def _per_test_ms(seconds: float, tests: int) -> str:
 
 
 def _overhead(results: dict[str, Result], key: str, tests: int, wall: bool) -> float | None:
-    """Milliseconds per test over the in-process run, or None if either failed."""
+    """Milliseconds per test over the in-process run, or None if either failed.
+
+    Each run is set against the in-process run of the same round, and the
+    median of those differences taken: the machine's load drifts between
+    rounds, and pairing cancels the drift.
+    """
     base, this = results["inproc"], results[key]
     if not (base.ok and this.ok):
         return None
-    return (this.median(wall) - base.median(wall)) / tests * 1e3
+    runs, base_runs = (this.wall, base.wall) if wall else (this.reported, base.reported)
+    return median([a - b for a, b in zip(runs, base_runs)]) / tests * 1e3
 
 
 def _times(results: dict[str, Result], tests: int) -> str:

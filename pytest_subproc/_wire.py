@@ -31,8 +31,8 @@ _CHUNK = 1 << 20
 _F_SETPIPE_SZ = 1031
 
 Buffer = Union[bytes, bytearray, memoryview]
-_clock = time.perf_counter  # taken at import: tests that mock time cannot stall a spin
 Received = Union[bytes, bytearray]
+_clock = time.perf_counter  # taken at import: tests that mock time cannot stall a spin
 
 
 class WireError(Exception):

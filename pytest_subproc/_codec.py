@@ -82,7 +82,11 @@ _NONE = [pickle.dumps(None, PROTOCOL)]
 
 
 def dumps(obj: Any) -> list[Buffer]:
-    """Return the parts that carry ``obj``: the pickle stream, then large byte strings."""
+    """Return the parts that carry ``obj``: the pickle stream, then large byte strings.
+
+    A value whose pickle grows past _APART bytes is pickled a second time,
+    with byte strings kept apart (its __reduce__ methods run twice).
+    """
     if obj is None:  # what most requests return
         return list(_NONE)
     small = _SmallStream()

@@ -22,6 +22,9 @@ from pytest_subproc._template import Template
 from pytest_subproc._wire import Kind
 
 SETTINGS = pytest.StashKey[Settings]()
+# How many workers to fork ahead: a module lasts long enough for one to be
+# ready in time; a test often does not, and a fork takes a few milliseconds.
+_AHEAD = {"module": 1, "function": 2}
 
 
 def worker_fixture(scope: str) -> str:
@@ -54,7 +57,8 @@ class Runtime:
     live: list[Worker] = field(default_factory=list)
     casualties: list[tuple[str, str]] = field(default_factory=list)
     template: Optional[Template] = None
-    spare: Optional[Worker] = None  # forked ahead for the next module's or test's worker
+    # Forked ahead, oldest first, to be the next modules' or tests' workers.
+    spares: list[Worker] = field(default_factory=list)
     modules: list[tuple[str, str]] = field(default_factory=list)  # isolated, in run order
 
     @classmethod
@@ -106,18 +110,20 @@ class Runtime:
             or not isinstance(node, (pytest.Function, pytest.Module))
         ):
             return self._worker()
-        # A worker per module or per test: each takes the one forked while the
-        # one before it served, and has the next forked meanwhile, from a
-        # template that has imported this test module and the next one.
+        # A worker per module or per test: each takes one forked while those
+        # before it served, and has more forked meanwhile, from a template
+        # that has imported this test module and the next one.
         path = _module_path(node)
         context = _call_context()
         for module in (node.module.__name__, path), self.module_after(path):
             if module is not None:
                 self.preload(module[0], module[1], context)
-        if self.spare is not None and path not in self.spare.preloaded:
-            self.retire(self.spare)  # forked before this module was imported
-            self.spare = None
-        worker, self.spare = self.spare or self._launched(), self._launched()
+        for spare in [s for s in self.spares if path not in s.preloaded]:
+            self.spares.remove(spare)
+            self.retire(spare)  # forked before this module was imported
+        worker = self.spares.pop(0) if self.spares else self._launched()
+        while len(self.spares) < _AHEAD[scope]:
+            self.spares.append(self._launched())
         return worker
 
     def module_after(self, path: str) -> Optional[tuple[str, str]]:
@@ -148,7 +154,7 @@ class Runtime:
 
     def close_all(self) -> None:
         """Close every worker still open (the run is ending, maybe on Ctrl-C)."""
-        self.spare = None
+        self.spares.clear()
         for worker in list(self.live):
             self.retire(worker)
         if self.template is not None:

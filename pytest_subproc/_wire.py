@@ -128,20 +128,10 @@ def await_readable(fd: int, spin: float) -> None:
 def write_all(fd: int, data: Buffer, deadline: Optional[float] = None) -> None:
     """Write every byte of ``data``, looping over partial writes."""
     view = memoryview(data).cast("B")
-    if len(view) <= _CHUNK:
-        # Most messages move in one write; only what is left takes the loop.
-        try:
-            sent = os.write(fd, view)
-        except BlockingIOError:
-            sent = 0
-        except BrokenPipeError as exc:
-            raise WireClosed("the reading end is closed") from exc
-        if sent == len(view):
-            return
-        view = view[sent:]
     while view:
         try:
-            sent = os.write(fd, view[:_CHUNK])
+            # Most messages fit one write, taken whole rather than sliced.
+            sent = os.write(fd, view if len(view) <= _CHUNK else view[:_CHUNK])
         except BlockingIOError:
             _wait(fd, deadline, write=True)
             continue

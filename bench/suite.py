@@ -1,9 +1,11 @@
 """A suite of trivial tests run in-process, under the marker's scopes and under pytest-forked.
 
 Each configuration runs as ``python -m pytest -q -p no:cacheprovider`` in the
-benchmark's own environment (see ``bench/_venv.py``), timed by wall clock and
-by the time pytest reports. A configuration that fails is reported with the
-last lines of its output instead of stopping the benchmark.
+benchmark's own environment (see ``bench/_venv.py``), timed three ways: the
+time pytest reports, the time its test phase takes (collection left out, as a
+conftest in the suite measures it), and the wall clock. A configuration that
+fails is reported with the last lines of its output instead of stopping the
+benchmark.
 """
 
 from __future__ import annotations
@@ -56,26 +58,46 @@ CONFIGS = (
 )
 
 
+# How a run is timed: what pytest reports, its test phase alone, the wall clock.
+MEASURES = ("pytest", "tests", "wall")
+
+
 @dataclass
 class Result:
-    """The runs of one configuration: times in seconds, or why it failed."""
+    """The runs of one configuration: times in seconds by measure, or why it failed."""
 
-    wall: list[float] = field(default_factory=list)
-    reported: list[float] = field(default_factory=list)
+    times: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in MEASURES})
     error: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.error is None and bool(self.reported)
+        return self.error is None and bool(self.times["pytest"])
 
-    def median(self, wall: bool) -> float:
-        return median(self.wall if wall else self.reported)
+    def median(self, measure: str) -> float:
+        return median(self.times[measure])
+
+
+# Timing the test phase from inside pytest leaves collection out: it costs the
+# same in every configuration, and its noise would swamp a per-test figure.
+CONFTEST = """\
+import time
+
+import pytest
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtestloop(session):
+    start = time.perf_counter()
+    yield
+    print(f"\\nbench-test-phase: {time.perf_counter() - start:.6f}")
+"""
 
 
 def write_suite(directory: Path, marker: str, tests: int) -> None:
     """``tests`` trivial tests, ``PER_MODULE`` to a module, each under ``marker``."""
     directory.mkdir(parents=True)
     (directory / "pytest.ini").write_text("[pytest]\n")
+    (directory / "conftest.py").write_text(CONFTEST)
     for first in range(0, tests, PER_MODULE):
         lines = ["import pytest", ""]
         for i in range(first, min(first + PER_MODULE, tests)):
@@ -86,6 +108,7 @@ def write_suite(directory: Path, marker: str, tests: int) -> None:
 
 
 _SUMMARY = re.compile(r"(\d+) passed.* in (\d+(?:\.\d+)?)s")
+_TEST_PHASE = re.compile(r"^bench-test-phase: (\d+\.\d+)$", re.MULTILINE)
 
 
 def run_pytest(
@@ -133,11 +156,13 @@ def measure(
         into.error = f"timed out after {timeout:.0f} s: {last_lines(output)}"
         return
     summary = _SUMMARY.search(output.strip().splitlines()[-1] if output.strip() else "")
-    if code != 0 or summary is None or int(summary.group(1)) != tests:
+    phase = _TEST_PHASE.search(output)
+    if code != 0 or summary is None or phase is None or int(summary.group(1)) != tests:
         into.error = f"exit code {code}: {last_lines(output)}"
         return
-    into.wall.append(wall)
-    into.reported.append(float(summary.group(2)))
+    into.times["pytest"].append(float(summary.group(2)))
+    into.times["tests"].append(float(phase.group(1)))
+    into.times["wall"].append(wall)
 
 
 def _environment() -> tuple[Path, dict[str, str], str]:
@@ -192,7 +217,7 @@ def _per_test_ms(seconds: float, tests: int) -> str:
     return f"{seconds / tests * 1e3:.3f} ms"
 
 
-def _overhead(results: dict[str, Result], key: str, tests: int, wall: bool) -> float | None:
+def _overhead(results: dict[str, Result], key: str, tests: int, measure: str) -> float | None:
     """Milliseconds per test over the in-process run, or None if either failed.
 
     Each run is set against the in-process run of the same round, and the
@@ -202,8 +227,8 @@ def _overhead(results: dict[str, Result], key: str, tests: int, wall: bool) -> f
     base, this = results["inproc"], results[key]
     if not (base.ok and this.ok):
         return None
-    runs, base_runs = (this.wall, base.wall) if wall else (this.reported, base.reported)
-    return median([a - b for a, b in zip(runs, base_runs)]) / tests * 1e3
+    pairs = zip(this.times[measure], base.times[measure])
+    return median([a - b for a, b in pairs]) / tests * 1e3
 
 
 def _times(results: dict[str, Result], tests: int) -> str:
@@ -213,15 +238,13 @@ def _times(results: dict[str, Result], tests: int) -> str:
         if not result.ok:
             rows.append(Row((config.label, f"failed: {result.error}")))
             continue
-        reported, wall = result.median(wall=False), result.median(wall=True)
-        over = [_overhead(results, config.key, tests, wall=w) for w in (False, True)]
+        over = [_overhead(results, config.key, tests, m) for m in MEASURES]
         rows.append(
             Row(
                 (
                     config.label,
-                    fmt_seconds(reported),
-                    fmt_seconds(wall),
-                    _per_test_ms(reported, tests),
+                    *(fmt_seconds(result.median(m)) for m in MEASURES),
+                    _per_test_ms(result.median("pytest"), tests),
                     *("-" if config.key == "inproc" or o is None else f"{o:+.3f} ms" for o in over),
                 )
             )
@@ -229,18 +252,20 @@ def _times(results: dict[str, Result], tests: int) -> str:
     headers = (
         "configuration",
         "pytest time",
+        "test phase",
         "wall clock",
         "per test",
         "over in-process (pytest)",
+        "(test phase)",
         "(wall)",
     )
     return table(headers, rows)
 
 
-def _speedup(results: dict[str, Result], key: str, tests: int, wall: bool) -> float | None:
+def _speedup(results: dict[str, Result], key: str, tests: int, measure: str) -> float | None:
     """How many times less per-test overhead ``key`` has than --forked."""
-    ours = _overhead(results, key, tests, wall)
-    forked = _overhead(results, "forked", tests, wall)
+    ours = _overhead(results, key, tests, measure)
+    forked = _overhead(results, "forked", tests, measure)
     if ours is None or forked is None:
         return None
     return math.inf if ours <= 0 else forked / ours
@@ -248,33 +273,37 @@ def _speedup(results: dict[str, Result], key: str, tests: int, wall: bool) -> fl
 
 def _ratios(results: dict[str, Result], tests: int) -> str:
     rows = []
-    for key, scope in (("module", "module"), ("session", "session"), ("function", "function")):
-        by_time, by_wall = (_speedup(results, key, tests, wall=w) for w in (False, True))
+    for key in ("module", "session", "function"):
+        ratios = [_speedup(results, key, tests, m) for m in MEASURES]
         target = f">= {FORKED_TARGET:.0f}x" if key != "function" else ""
-        met = None if key == "function" or by_time is None else by_time >= FORKED_TARGET
+        met = None if key == "function" or ratios[0] is None else ratios[0] >= FORKED_TARGET
         rows.append(
             Row(
                 (
-                    f"--forked overhead / {scope} scope overhead",
-                    fmt_ratio(by_time),
-                    fmt_ratio(by_wall),
+                    f"--forked overhead / {key} scope overhead",
+                    *(fmt_ratio(r) for r in ratios),
                     target,
                 ),
                 met,
             )
         )
     for key in ("module", "session"):
-        by_time, by_wall = (_overhead(results, key, tests, wall=w) for w in (False, True))
+        over = [_overhead(results, key, tests, m) for m in MEASURES]
         rows.append(
             Row(
                 (
                     f"{key} scope overhead per test",
-                    "n/a" if by_time is None else f"{by_time:.3f} ms",
-                    "n/a" if by_wall is None else f"{by_wall:.3f} ms",
+                    *("n/a" if o is None else f"{o:.3f} ms" for o in over),
                     f"< {OVERHEAD_TARGET_MS} ms",
                 ),
-                None if by_time is None else by_time < OVERHEAD_TARGET_MS,
+                None if over[0] is None else over[0] < OVERHEAD_TARGET_MS,
             )
         )
-    headers = ("comparison (per-test overhead over in-process)", "pytest time", "wall", "target")
+    headers = (
+        "comparison (per-test overhead over in-process)",
+        "pytest time",
+        "test phase",
+        "wall",
+        "target",
+    )
     return table(headers, rows)

@@ -84,7 +84,12 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Optional[bool]:
     if not _is_isolated(pyfuncitem):
         return None
-    pyfuncitem.config.stash[RUNTIME].run(pyfuncitem)
+    try:
+        pyfuncitem.config.stash[RUNTIME].run(pyfuncitem)
+    finally:
+        # Not needed again; kept for every test of a run, the specs would be
+        # a tenth of the heap the garbage collector walks.
+        del pyfuncitem.stash[_spec.SPEC]
     return True
 
 

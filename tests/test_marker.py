@@ -791,6 +791,34 @@ def test_a_body_that_leaves_the_worker_in_a_removed_directory(
     run(pytester).assert_outcomes(passed=2)
 
 
+def test_a_tests_spec_is_let_go_after_its_call(pytester: pytest.Pytester) -> None:
+    """Kept for every test of a run, the specs would only grow the heap."""
+    pytester.makeconftest(
+        """
+        from pytest_subproc._spec import SPEC
+
+        def pytest_runtest_teardown(item):
+            print(f"SPEC KEPT {item.name}: {SPEC in item.stash}")
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.subprocess
+        def test_passes():
+            pass
+
+        @pytest.mark.subprocess
+        def test_fails():
+            assert False
+        """
+    )
+    result = run(pytester, "-s")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*SPEC KEPT test_passes: False*", "*SPEC KEPT test_fails: False*"])
+
+
 def test_a_method_runs_on_the_instance_its_setup_prepared(pytester: pytest.Pytester) -> None:
     """setup_method and class fixtures set attributes the body sees, as in-process."""
     pytester.makepyfile(

@@ -192,7 +192,9 @@ class Runtime:
         __tracebackhide__ = True
         settings = item.stash[SETTINGS]
         worker, spec = _worker_of(item), item.stash[SPEC]
-        worker.start()  # the environment's changes are counted from its last call
+        # Started first: a replaced worker's environment changes and modules
+        # are counted afresh.
+        worker.start()
         context = _call_context(worker)
         code = _code_for(worker, spec)
         call: tuple[Any, ...] = (_runbody.run_body, (spec, code), {})
@@ -218,9 +220,7 @@ def _module_path(node: pytest.Item | pytest.Collector) -> str:
 
 
 def _code_for(worker: Worker, spec: _runbody.BodySpec) -> Optional[bytes]:
-    """The test module's rewritten code, unless this worker has had it."""
-    if not worker.alive:
-        worker.modules.clear()  # a fresh worker is on its way
+    """The test module's rewritten code, unless this worker (just started) has had it."""
     if spec.module_path in worker.modules or spec.module_path in worker.preloaded:
         return None  # it has the module already
     worker.modules.add(spec.module_path)
@@ -236,7 +236,7 @@ def _call_context(worker: Optional[Worker] = None) -> dict[str, Any]:
     """
     context: dict[str, Any] = {"cwd": os.getcwd(), "path": list(sys.path)}
     raw = getattr(os.environ, "_data", None)
-    if worker is None or not isinstance(raw, dict) or not all(type(k) is bytes for k in raw):
+    if worker is None or not isinstance(raw, dict):
         context["env"] = dict(os.environ)
         return context
     sent = worker.sent_env

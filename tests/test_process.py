@@ -303,26 +303,35 @@ def test_exit_11_is_not_sigsegv(worker: Worker) -> None:
     assert "exit code 11" in str(exc)
 
 
-@posix_only
-def test_sigkill_noticed_at_once(worker: Worker, tmp_path: Path) -> None:
-    """seed defect 5: death noticed through end-of-file, not a 1 s polling thread."""
+def run_busy(worker: Worker, tmp_path: Path, act: Callable[[int], None]) -> Reply:
+    """Run a request that sleeps for good, with ``act(pid)`` done from a thread once it is busy."""
     ready = tmp_path / "ready"
     worker.start()
     pid = worker.pid
     assert pid is not None
+
+    def act_when_busy() -> None:
+        if wait_for(ready.exists):
+            act(pid)
+
+    thread = threading.Thread(target=act_when_busy)
+    thread.start()
+    try:
+        return run(worker, f"import time; open({str(ready)!r}, 'w').close(); time.sleep(300)")
+    finally:
+        thread.join()
+
+
+@posix_only
+def test_sigkill_noticed_at_once(worker: Worker, tmp_path: Path) -> None:
+    """seed defect 5: death noticed through end-of-file, not a 1 s polling thread."""
     killed_at: list[float] = []
 
-    def kill_when_busy() -> None:
-        if wait_for(ready.exists):
-            killed_at.append(time.monotonic())
-            os.kill(pid, signal.SIGKILL)
+    def kill(pid: int) -> None:
+        killed_at.append(time.monotonic())
+        os.kill(pid, signal.SIGKILL)
 
-    killer = threading.Thread(target=kill_when_busy)
-    killer.start()
-    try:
-        reply = run(worker, f"import time; open({str(ready)!r}, 'w').close(); time.sleep(300)")
-    finally:
-        killer.join()
+    reply = run_busy(worker, tmp_path, kill)
     noticed = time.monotonic() - killed_at[0]
     exc = crash_of(reply)
     assert exc.signal == "SIGKILL"
@@ -449,26 +458,15 @@ def test_reaped_by_someone_else_while_idle(worker: Worker) -> None:
 @posix_only
 def test_reaped_by_someone_else_mid_request(worker: Worker, tmp_path: Path) -> None:
     """seed defect 8: a crash is reported even when another party reaps the worker."""
-    ready = tmp_path / "ready"
-    worker.start()
-    pid = worker.pid
-    assert pid is not None
 
-    def kill_and_reap() -> None:
-        if wait_for(ready.exists):
-            os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):  # the worker's owner won the race
-                os.waitpid(pid, 0)
+    def kill_and_reap(pid: int) -> None:
+        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):  # the worker's owner won the race
+            os.waitpid(pid, 0)
 
-    thief = threading.Thread(target=kill_and_reap)
-    thief.start()
-    try:
-        reply = run(worker, f"import time; open({str(ready)!r}, 'w').close(); time.sleep(300)")
-    finally:
-        thief.join()
-    crash_of(reply)
+    crashed = crash_of(run_busy(worker, tmp_path, kill_and_reap))
     ok(run(worker, "z = 3"))
-    assert worker.pid != pid
+    assert worker.pid != crashed.pid
 
 
 class Interrupted(Exception):

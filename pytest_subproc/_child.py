@@ -44,6 +44,23 @@ def _die_with_group() -> None:
     os._exit(70)
 
 
+def own_group() -> None:
+    """Lead a process group of our own, inside the parent's session.
+
+    The parent kills the group to end us with whatever we started. Staying in
+    its session keeps us in its scheduling group (Linux groups by session), so
+    a process that yields the CPU while it waits yields it to the other. As a
+    background group, we would be stopped for writing to the terminal under
+    ``stty tostop`` (output not captured): we ignore that signal instead.
+    """
+    if not hasattr(os, "setpgid"):
+        return
+    if os.getpgrp() != os.getpid():
+        os.setpgid(0, 0)
+    if os.isatty(1) or os.isatty(2):
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+
+
 def watch_parent(life_fd: int) -> None:
     """Die with our descendants as soon as the parent's end of the lifeline closes.
 
@@ -273,6 +290,7 @@ def _close_fds(*fds: int) -> None:
 
 def serve_worker(req_fd: int, rep_fd: int, life_fd: int, fault_fd: int) -> None:
     """Take the fds, arm faulthandler, watch the parent, say ready, serve."""
+    own_group()
     for fd in (req_fd, rep_fd, life_fd, fault_fd):
         os.set_inheritable(fd, False)  # our own subprocesses must not hold them
     if hasattr(os, "register_at_fork"):

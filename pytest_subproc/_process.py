@@ -296,7 +296,6 @@ class Worker:
                 stdout=out,
                 stderr=err,
                 pass_fds=(req_r, rep_w, life_r, fault),
-                start_new_session=True,
                 env=child_env(),
                 cwd=PACKAGE_ROOT,
             )

@@ -30,7 +30,7 @@ CLOSE_GRACE = 2.0
 
 def fork_supported() -> bool:
     """Whether workers can be forked from a template here (POSIX, fd passing)."""
-    return hasattr(os, "fork") and hasattr(socket, "send_fds") and hasattr(os, "setsid")
+    return hasattr(os, "fork") and hasattr(socket, "send_fds") and hasattr(os, "setpgid")
 
 
 class Template:
@@ -66,7 +66,6 @@ class Template:
                 [sys.executable, "-u", "-m", "pytest_subproc._zygote", str(theirs.fileno())],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),),
-                start_new_session=True,
                 env=self._env,
                 cwd=self._cwd,
             )
@@ -166,6 +165,7 @@ class Template:
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(OSError):
                     os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()  # in case it never got as far as leading its group
                 proc.wait()
 
 

@@ -93,7 +93,6 @@ def _become_worker(
             os.close(fd)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        os.setsid()  # a process group of its own, to be killed as one
         req, rep, life, fault, *std = fds
         for target, fd in zip((1, 2), std):
             os.dup2(fd, target)
@@ -169,6 +168,7 @@ def main(argv: list[str]) -> None:
     """Start-up: move to the parent's cwd, import, serve."""
     ctrl = socket.socket(fileno=int(argv[1]))
     os.set_inheritable(ctrl.fileno(), False)
+    _child.own_group()
     _child.move_to_parent_cwd()
     _prepare()
     serve(ctrl)

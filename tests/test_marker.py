@@ -13,6 +13,8 @@ the other installed plugins only slow the runs down.
 from __future__ import annotations
 
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -737,6 +739,101 @@ def test_sigkill_of_pytest_takes_the_worker_down(pytester: pytest.Pytester, pidl
     finally:
         _stop(proc)
     assert_gone([worker], timeout=5.0)
+
+
+# pytest in a session of its own whose controlling terminal is the pty named
+# first, with ``stty tostop``: a background process group that writes to the
+# terminal is stopped, as job control does.
+IN_TERMINAL = """
+import os, signal, sys, termios
+os.setsid()
+fd = os.open(sys.argv[1], os.O_RDWR)  # opened by a session leader: its terminal
+mode = termios.tcgetattr(fd)
+mode[3] |= termios.TOSTOP
+termios.tcsetattr(fd, termios.TCSANOW, mode)
+for std in (0, 1, 2):
+    os.dup2(fd, std)
+os.close(fd)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.argv = ["pytest", *sys.argv[2:]]
+import pytest
+sys.exit(pytest.console_main())
+"""
+
+needs_pty = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="a pseudo-terminal with job control"
+)
+
+
+class Terminal:
+    """The master side of a pty that an inner pytest has as its terminal."""
+
+    def __init__(self, pytester: pytest.Pytester, *args: str) -> None:
+        # The slave end stays open here too, or the terminal could end before
+        # pytest opens it.
+        self.master, self.slave = pty.openpty()
+        cmd = [sys.executable, "-c", IN_TERMINAL, os.ttyname(self.slave), *PLUGIN, *args]
+        self.proc = pytester.popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.text = ""
+
+    def read_until(self, text: str, timeout: float = 60.0) -> str:
+        """What the terminal showed once it shows ``text``, or once pytest has exited."""
+        deadline = time.monotonic() + timeout
+        while text not in self.text and time.monotonic() < deadline:
+            if select.select([self.master], [], [], 0.1)[0]:
+                self.text += os.read(self.master, 1 << 16).decode(errors="replace")
+            elif self.proc.poll() is not None:
+                break
+        return self.text
+
+    def close(self) -> None:
+        _stop(self.proc)
+        os.close(self.master)
+        os.close(self.slave)
+
+
+@needs_pty
+def test_a_worker_writes_to_a_terminal_that_stops_background_writers(
+    pytester: pytest.Pytester,
+) -> None:
+    """With -s a worker writes to pytest's terminal from a process group of its own."""
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.subprocess
+        def test_talks():
+            print("WORKER-SPEAKS", flush=True)
+        """
+    )
+    terminal = Terminal(pytester, "-p", "no:cacheprovider", "-s")
+    try:
+        text = terminal.read_until(" in ")  # pytest's last line: "1 passed in 0.12s"
+        assert terminal.proc.wait(30) == 0, text
+    finally:
+        terminal.close()
+    assert "WORKER-SPEAKS" in text
+    assert "1 passed" in text
+
+
+@needs_pty
+def test_ctrl_c_at_the_terminal_interrupts_the_run(pytester: pytest.Pytester, pidlog: Path) -> None:
+    """The terminal signals pytest's process group; the workers, in groups of their own, are
+    killed by pytest."""
+    pytester.makepyfile(test_sleeper=SLEEPER)
+    terminal = Terminal(pytester, "-p", "no:cacheprovider", "-s", "test_sleeper.py")
+    try:
+        assert "SLEEPER-STREAMED" in terminal.read_until("SLEEPER-STREAMED")
+        worker = int(wait_for(pidlog).split()[1])
+        os.write(terminal.master, b"\x03")  # Ctrl-C
+        text = terminal.read_until(" in ")
+        assert terminal.proc.wait(30) == pytest.ExitCode.INTERRUPTED, text
+    finally:
+        terminal.close()
+    assert "KeyboardInterrupt" in text
+    assert_gone([worker])
 
 
 def test_environment_changes_reach_the_worker_and_are_taken_back(

@@ -131,9 +131,13 @@ def test_start_handshake(worker: Worker) -> None:
 
 
 @posix_only
-def test_worker_has_its_own_process_group_and_no_stdin(worker: Worker) -> None:
-    ok(run(worker, "import os, sys; group = os.getpgrp(); data = sys.stdin.read()"))
+def test_worker_leads_a_group_in_our_session_and_has_no_stdin(worker: Worker) -> None:
+    # A group of its own, to be killed as one; our session, so that Linux
+    # schedules it with us (its waits yield the CPU to us, and ours to it).
+    source = "import os, sys; group, session = os.getpgrp(), os.getsid(0); data = sys.stdin.read()"
+    ok(run(worker, source))
     assert load(worker, "group") == worker.pid
+    assert load(worker, "session") == os.getsid(0)
     assert load(worker, "data") == ""
 
 

@@ -47,6 +47,15 @@ def test_a_forked_worker_is_the_templates_child_not_ours(forked: Subworker) -> N
 
 
 @needs_fork
+def test_a_forked_worker_leads_a_group_in_our_session(forked: Subworker) -> None:
+    forked.run("import os; group, session = os.getpgrp(), os.getsid(0)")
+    assert forked.load("group") == forked.pid
+    assert forked.load("session") == os.getsid(0)
+    template = psutil.Process(forked.pid).ppid()
+    assert os.getpgid(template) == template  # killed as a group too
+
+
+@needs_fork
 def test_forked_workers_report_signal_and_exit_code(forked: Subworker) -> None:
     with pytest.raises(pytest_subproc.WorkerCrashed, match="signal SIGSEGV") as crash:
         forked.run("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")

@@ -32,6 +32,8 @@ _F_SETPIPE_SZ = 1031
 
 Buffer = Union[bytes, bytearray, memoryview]
 Received = Union[bytes, bytearray]
+# A gap this long between two polls of a spin means the CPU is shared.
+_SHARED = 30e-6
 _clock = time.perf_counter  # taken at import: tests that mock time cannot stall a spin
 
 
@@ -113,16 +115,24 @@ def await_readable(fd: int, spin: float) -> None:
 
     Waking a process asleep in poll() costs tens of microseconds, more on a
     virtual machine, which is more than a small reply takes to come; staying
-    awake a little while is cheaper. Returns when ``fd`` is readable (or at
-    end-of-file) or when the time is up; the reading is left to the caller.
+    awake a little while is cheaper, unless another process needs this CPU.
+    Returns when ``fd`` is readable (or at end-of-file), when the time is up,
+    or once the CPU proves shared; the reading is left to the caller.
     """
     if not (hasattr(select, "poll") and hasattr(os, "sched_yield")):  # pragma: no cover
         return
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    end = _clock() + spin
-    while not poller.poll(0) and _clock() < end:
-        os.sched_yield()  # a process that shares this CPU, the worker maybe, runs first
+    last = _clock()
+    end = last + spin
+    while not poller.poll(0):
+        now = _clock()
+        if now >= end or now - last > _SHARED:
+            # A long gap between two polls: another process had this CPU, and
+            # spinning would take turns from it (the peer, maybe). Sleep instead.
+            return
+        last = now
+        os.sched_yield()  # a process that shares this CPU, the peer maybe, runs first
 
 
 def write_all(fd: int, data: Buffer, deadline: Optional[float] = None) -> None:

@@ -141,6 +141,17 @@ def test_worker_leads_a_group_in_our_session_and_has_no_stdin(worker: Worker) ->
     assert load(worker, "data") == ""
 
 
+@posix_only
+def test_an_idle_worker_sleeps(worker: Worker) -> None:
+    # It waits awake a millisecond for the next request, then sleeps.
+    ok(run(worker, "pass"))
+    process = psutil.Process(worker.pid)
+    time.sleep(0.05)
+    before = sum(process.cpu_times()[:2])
+    time.sleep(0.5)
+    assert sum(process.cpu_times()[:2]) - before < 0.1
+
+
 @pytest.fixture
 def sitecustomize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
     """Make the worker's interpreter run ``source`` at start-up, before the worker's code."""

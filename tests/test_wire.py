@@ -705,10 +705,40 @@ def test_await_readable_returns_at_once_for_data_or_end_of_file(pipe: Pipe) -> N
     assert os.read(pipe.r, 1) == b""
 
 
-def test_await_readable_gives_up_when_its_time_is_up(pipe: Pipe) -> None:
-    started = time.monotonic()
+class FakeClock:
+    """A clock that moves ``step`` seconds each time it is read."""
+
+    def __init__(self, step: float) -> None:
+        self.now = 0.0
+        self.step = step
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.now += self.step
+        self.reads += 1
+        return self.now
+
+
+def test_await_readable_gives_up_when_its_time_is_up(
+    pipe: Pipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Polls a microsecond apart: the CPU is ours, so it spins the whole time.
+    clock = FakeClock(1e-6)
+    monkeypatch.setattr(_wire, "_clock", clock)
     _wire.await_readable(pipe.r, 0.05)
-    assert 0.04 <= time.monotonic() - started < JOIN_TIMEOUT / 2
+    assert clock.now >= 0.05
+    assert clock.reads > 40_000
+
+
+def test_await_readable_sleeps_instead_once_the_cpu_proves_shared(
+    pipe: Pipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A millisecond between polls: another process ran meanwhile. Spinning on
+    # would take turns from it, so the first such gap ends the spin.
+    clock = FakeClock(1e-3)
+    monkeypatch.setattr(_wire, "_clock", clock)
+    _wire.await_readable(pipe.r, 1.0)
+    assert clock.reads == 2
 
 
 def test_truncated_is_closed_but_not_corrupt() -> None:

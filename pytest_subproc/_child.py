@@ -99,36 +99,48 @@ def _target(env: dict[str, str]) -> dict[str, Optional[str]]:
     return target
 
 
-class Environ:
-    """Makes os.environ the parent's for each call, touching only what changed.
+class Mirror:
+    """Makes os.environ, the cwd and sys.path the parent's for each call.
 
-    Refilling os.environ costs hundreds of microseconds, more than the rest of
-    a small test; between two calls one variable or two usually change. Nothing
-    is put back after a call: the next call sets what it needs.
+    The parent sends its cwd and sys.path when they change, and of its
+    environment only the variables that changed: refilling os.environ costs
+    hundreds of microseconds, more than the rest of a small test. What a body
+    changes is put back at the next call, touching only what differs.
     """
 
     def __init__(self) -> None:
-        # The parent's environment as it last told us, whole or as changes.
-        self.parent: dict[str, str] = {}
-        self._seen: object = None  # os.environ's data when it last equalled self.parent
+        # The parent's environment, cwd and sys.path, as it last told us.
+        self.env: dict[str, str] = {}
+        self.cwd: Optional[str] = None
+        self.path: Optional[list[str]] = None
+        self._seen: object = None  # os.environ's data when it last equalled self.env
 
-    def apply(self, context: dict[str, Any]) -> None:
-        """Make os.environ equal the parent's environment the context gives or changes."""
+    def enter(self, context: dict[str, Any]) -> None:
+        """Take what the context tells, then make ours equal it."""
+        self._apply_env(context)
+        self.cwd = context.get("cwd", self.cwd)
+        if self.cwd is not None and self.cwd != _getcwd():
+            os.chdir(self.cwd)
+        self.path = context.get("path", self.path)
+        if self.path is not None and sys.path != self.path:
+            sys.path[:] = self.path
+
+    def _apply_env(self, context: dict[str, Any]) -> None:
         changes: Optional[dict[str, Optional[str]]] = None
         if "env" in context:
-            self.parent = dict(context["env"])
+            self.env = dict(context["env"])
         elif "env_changes" in context:
             changes = context["env_changes"]
             for key, value in changes.items():
                 if value is None:
-                    self.parent.pop(key, None)
+                    self.env.pop(key, None)
                 else:
-                    self.parent[key] = value
+                    self.env[key] = value
         else:
             return
         raw = getattr(os.environ, "_data", None)
         if changes is None or raw is None or raw != self._seen:
-            changes = _target(self.parent)  # changed behind our back: compare it all
+            changes = _target(self.env)  # changed behind our back: compare it all
         set_variables(changes)
         self._seen = dict(raw) if raw is not None else None
 
@@ -140,23 +152,12 @@ def _getcwd() -> Optional[str]:
         return None
 
 
-def enter(environ: Environ, context: dict[str, Any]) -> None:
-    """Make the parent's environment, cwd and sys.path ours for a call."""
-    environ.apply(context)
-    cwd = context.get("cwd")
-    if cwd is not None and cwd != _getcwd():
-        os.chdir(cwd)
-    path = context.get("path")
-    if path is not None and sys.path != path:
-        sys.path[:] = path
-
-
 @contextlib.contextmanager
 def applied(context: dict[str, Any]) -> Iterator[None]:
     """Apply the parent's environment, cwd and sys.path for a while, then restore ours."""
     env, cwd, path = dict(os.environ), _getcwd(), list(sys.path)
     try:
-        enter(Environ(), context)
+        Mirror().enter(context)
         yield
     finally:
         set_variables(_target(env))
@@ -174,7 +175,7 @@ class Server:
         self.rep_fd = rep_fd
         self.fault = fault
         self.namespace: dict[str, Any] = {"__name__": "__subworker__"}
-        self.environ = Environ()
+        self.mirror = Mirror()
         # Copies of the capture fds, so a body that closes 1 or 2 cannot take
         # output away from the requests after it.
         self.stdio = (os.dup(1), os.dup(2))
@@ -207,7 +208,7 @@ class Server:
             if handler is None:
                 raise ValueError(f"unknown request kind {kind}")
             if context:
-                enter(self.environ, context)
+                self.mirror.enter(context)
             if timeout is None:
                 return Kind.OK, _codec.dumps(handler(*args))
             self.arm(timeout)

@@ -230,22 +230,27 @@ def _code_for(worker: Worker, spec: _runbody.BodySpec) -> Optional[bytes]:
 def _call_context(worker: Optional[Worker] = None) -> dict[str, Any]:
     """The parent's environment, cwd and sys.path, to apply in the worker for a call.
 
-    A running worker is sent only what changed in the environment since its
-    last call: pytest changes one variable per test, and the whole of it
-    costs more to build and move than a trivial test takes to run.
+    A running worker is sent only what changed since its last call: pytest
+    changes one variable per test, and the whole of it costs more to build
+    and move than a trivial test takes to run. The worker puts back what a
+    body changed on its side.
     """
-    context: dict[str, Any] = {"cwd": os.getcwd(), "path": list(sys.path)}
+    cwd = os.getcwd()
     raw = getattr(os.environ, "_data", None)
     if worker is None or not isinstance(raw, dict):
-        context["env"] = dict(os.environ)
-        return context
+        return {"cwd": cwd, "path": list(sys.path), "env": dict(os.environ)}
+    context: dict[str, Any] = {}
+    if cwd != worker.sent_cwd:
+        context["cwd"] = worker.sent_cwd = cwd
+    if sys.path != worker.sent_path:
+        context["path"] = worker.sent_path = list(sys.path)
     sent = worker.sent_env
     changes: dict[str, Optional[str]] = {
         os.fsdecode(k): os.fsdecode(v) for k, v in raw.items() if sent.get(k) != v
     }
     changes.update((os.fsdecode(k), None) for k in sent.keys() - raw.keys())
     worker.sent_env = dict(raw)
-    context["env_changes"] = changes
+    context["env_changes"] = changes  # even empty: the worker then checks its own
     return context
 
 

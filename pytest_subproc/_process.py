@@ -220,7 +220,10 @@ class Worker:
         # and fixture values it has shown it can rebuild, as (name, hash of the bytes).
         self.modules: set[str] = set()
         self.checked: set[tuple[str, int]] = set()
-        # os.environ's raw data as last sent with a call, so later calls send changes.
+        # What the last call told the worker of our cwd, sys.path and os.environ
+        # (its raw data), so that later calls send only what changed.
+        self.sent_cwd: Optional[str] = None
+        self.sent_path: Optional[list[str]] = None
         self.sent_env: dict[Any, Any] = {}
         self._ready = False  # whether the running process has said READY
         # Test modules the template had imported when it forked this worker.
@@ -249,6 +252,7 @@ class Worker:
         self.modules.clear()
         self.checked.clear()
         self.preloaded = frozenset()
+        self.sent_cwd = self.sent_path = None
         self.sent_env = {}
         self._release()  # what is left of a worker that died
         self._files = {

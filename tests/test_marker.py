@@ -888,6 +888,30 @@ def test_a_body_that_leaves_the_worker_in_a_removed_directory(
     run(pytester).assert_outcomes(passed=2)
 
 
+def test_a_body_that_moves_the_workers_cwd_and_path(pytester: pytest.Pytester) -> None:
+    """The next test in the same worker has the parent's cwd and sys.path all the same,
+    though the parent sends them only when they change on its side."""
+    pytester.makepyfile(
+        """
+        import os, sys, tempfile, pytest
+
+        pytestmark = pytest.mark.subprocess
+
+        @pytest.fixture
+        def parents():
+            return os.getcwd(), list(sys.path)
+
+        def test_moves():
+            os.chdir(tempfile.gettempdir())
+            sys.path.insert(0, "nowhere")
+
+        def test_next(parents):
+            assert (os.getcwd(), sys.path) == parents
+        """
+    )
+    run(pytester).assert_outcomes(passed=2)
+
+
 def test_a_tests_spec_is_let_go_after_its_call(pytester: pytest.Pytester) -> None:
     """Kept for every test of a run, the specs would only grow the heap."""
     pytester.makeconftest(

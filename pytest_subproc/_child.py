@@ -23,10 +23,6 @@ from typing import IO, Any, Callable, Optional
 from pytest_subproc import _codec, _errors, _wire
 from pytest_subproc._wire import Kind
 
-# How long the worker waits awake for the next request before it sleeps: a
-# parent running small tests sends the next one within that, and waking a
-# sleeping process costs more than a small request takes to serve.
-AWAKE = 1e-3
 # How many compiled run() sources to keep.
 _COMPILED = 256
 # The parent's cwd: we start elsewhere (where this package lives) and move there.
@@ -190,7 +186,7 @@ class Server:
     def serve(self) -> None:
         """Loop until the parent asks us to stop or closes the request pipe."""
         while True:
-            _wire.await_readable(self.req_fd, AWAKE)
+            _wire.await_readable(self.req_fd, _wire.AWAKE)
             try:
                 kind, parts = _wire.recv_parts(self.req_fd)
             except _wire.WireClosed:

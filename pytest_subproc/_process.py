@@ -34,9 +34,6 @@ _sleep = time.sleep
 # How long past a timeout the parent waits for the worker's own faulthandler
 # exit before it kills the tree itself.
 BACKSTOP = 0.3
-# How long the parent waits for a reply awake before it sleeps in poll(): a
-# trivial request's reply comes within that, and a sleeping process is slow to wake.
-SPIN = 200e-6
 START_TIMEOUT = 60.0
 SHUTDOWN_GRACE = 2.0
 TAIL = 1 << 16
@@ -350,7 +347,7 @@ class Worker:
         deadline = None if timeout is None else started + timeout + BACKSTOP
         try:
             _wire.send_parts(self._req, kind, parts, deadline)
-            _wire.await_readable(self._rep, SPIN)
+            _wire.await_readable(self._rep, _wire.AWAKE)
             rkind, data = _wire.recv_parts(self._rep, deadline)
         except _wire.WireTimeout:
             return self._reply(error=self._timed_out(timeout, killed=True))

@@ -32,6 +32,10 @@ _F_SETPIPE_SZ = 1031
 
 Buffer = Union[bytes, bytearray, memoryview]
 Received = Union[bytes, bytearray]
+# How long a process waits awake for its peer's message before it sleeps:
+# about what a small test takes, and what pytest takes from one test to the
+# next. Waking a sleeping process costs more than a small request takes.
+AWAKE = 1e-3
 # A gap this long between two polls of a spin means the CPU is shared.
 _SHARED = 30e-6
 _clock = time.perf_counter  # taken at import: tests that mock time cannot stall a spin

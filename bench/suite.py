@@ -167,11 +167,10 @@ def measure(
 
 def _environment() -> tuple[Path, dict[str, str], str]:
     """The python to run pytest with, its environment, and a line describing it."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in {"PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTHONDEVMODE"}
-    }
+    # Bytecode is written, so that the untimed first run leaves pytest's cache
+    # of rewritten test modules behind, as a developer's machine has it.
+    dropped = {"PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTHONDEVMODE", "PYTHONDONTWRITEBYTECODE"}
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     try:
         python = _venv.ensure()
     except _venv.EnvError as exc:

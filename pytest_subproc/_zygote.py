@@ -166,12 +166,12 @@ def serve(ctrl: socket.socket) -> None:
 
 def main(argv: list[str]) -> None:
     """Start-up: move to the parent's cwd, import, serve."""
-    ctrl = socket.socket(fileno=int(argv[1]))
-    os.set_inheritable(ctrl.fileno(), False)
-    _child.own_group()
-    _child.move_to_parent_cwd()
-    _prepare()
-    serve(ctrl)
+    with socket.socket(fileno=int(argv[1])) as ctrl:  # closed at exit, not left to warn
+        os.set_inheritable(ctrl.fileno(), False)
+        _child.own_group()
+        _child.move_to_parent_cwd()
+        _prepare()
+        serve(ctrl)
 
 
 if __name__ == "__main__":

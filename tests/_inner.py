@@ -33,6 +33,17 @@ def _log_parent():
 """
 
 
+def run_inner(
+    pytester: pytest.Pytester, *args: str, timeout: float = 60, cache: bool = False
+) -> pytest.RunResult:
+    """Run pytest, with only this plugin, in a subprocess; fail on anything it leaked."""
+    no_cache = () if cache else ("-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess(*PLUGIN, *no_cache, *args, timeout=timeout)
+    # The pytest process and the worker template say on stderr what they leaked.
+    assert "ResourceWarning" not in result.stderr.str(), result.stderr.str()
+    return result
+
+
 def read_pids(path: Path) -> dict[str, int]:
     pids = {}
     for line in path.read_text().splitlines():

@@ -19,16 +19,13 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from _inner import PLUGIN, assert_gone, read_pids
+from _inner import assert_gone, read_pids
+from _inner import run_inner as run
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 
 
 pytestmark = pytest.mark.usefixtures("no_plugin_autoload")
-
-
-def run(pytester: pytest.Pytester, *args: str, timeout: float = 60) -> pytest.RunResult:
-    return pytester.runpytest_subprocess(*PLUGIN, *args, timeout=timeout)
 
 
 def section(result: pytest.RunResult, start: str, end: str) -> str:
@@ -318,10 +315,10 @@ def test_exitfirst_and_last_failed(pytester: pytest.Pytester) -> None:
             assert 0
         """
     )
-    result = run(pytester, "-x")
+    result = run(pytester, "-x", cache=True)
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*stopping after 1 failures*"])
-    result = run(pytester, "--lf", "-v")
+    result = run(pytester, "--lf", "-v", cache=True)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*rerun previous 1 failure*", "*test_second FAILED*"])
     result.stdout.no_fnmatch_line("*test_first*")

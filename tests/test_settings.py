@@ -19,12 +19,9 @@ from pathlib import Path
 
 import pytest
 from _inner import PARENT_CONFTEST, PLUGIN, assert_gone, read_pids
+from _inner import run_inner as run
 
 pytestmark = pytest.mark.usefixtures("no_plugin_autoload")
-
-
-def run(pytester: pytest.Pytester, *args: str, timeout: float = 60) -> pytest.RunResult:
-    return pytester.runpytest_subprocess(*PLUGIN, "-p", "no:cacheprovider", *args, timeout=timeout)
 
 
 # --------------------------------------------------------------------------

@@ -51,14 +51,16 @@ def own_group() -> None:
     its session keeps us in its scheduling group (Linux groups by session), so
     a process that yields the CPU while it waits yields it to the other. As a
     background group, we would be stopped for writing to the terminal under
-    ``stty tostop`` (output not captured): we ignore that signal instead.
+    ``stty tostop`` (output not captured): we ignore that signal instead. A
+    worker forked from a template that ignores it, but whose output is
+    captured, takes the default back, for the test's own subprocesses.
     """
     if not hasattr(os, "setpgid"):
         return
     if os.getpgrp() != os.getpid():
         os.setpgid(0, 0)
-    if os.isatty(1) or os.isatty(2):
-        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    at_terminal = os.isatty(1) or os.isatty(2)
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN if at_terminal else signal.SIG_DFL)
 
 
 def watch_parent(life_fd: int) -> None:

@@ -817,6 +817,31 @@ def test_a_worker_writes_to_a_terminal_that_stops_background_writers(
 
 
 @needs_pty
+@pytest.mark.parametrize(("capture", "ignored"), [("-s", True), ("--capture=fd", False)])
+def test_only_a_worker_writing_to_the_terminal_ignores_sigttou(
+    pytester: pytest.Pytester, capture: str, ignored: bool
+) -> None:
+    """The template, at the terminal, ignores it; a worker whose output is captured does not."""
+    pytester.makepyfile(
+        f"""
+        import signal, pytest
+
+        @pytest.mark.subprocess
+        def test_disposition():
+            ignored = signal.getsignal(signal.SIGTTOU) == signal.SIG_IGN
+            assert ignored is {ignored}
+        """
+    )
+    terminal = Terminal(pytester, "-p", "no:cacheprovider", capture)
+    try:
+        text = terminal.read_until()
+        assert terminal.proc.wait(30) == 0, text
+    finally:
+        terminal.close()
+    assert "1 passed" in text
+
+
+@needs_pty
 def test_ctrl_c_at_the_terminal_interrupts_the_run(pytester: pytest.Pytester, pidlog: Path) -> None:
     """The terminal signals pytest's process group; the workers, in groups of their own, are
     killed by pytest."""

@@ -1,41 +1,41 @@
-"""One worker's life: spawn, request and reply, deadlines, death, kill.
+"""One worker's life, seen from pytest: start, request and reply, deadlines, death, kill.
 
-The parent holds no copy of the pipe end the worker writes replies to, so the
-worker's death shows up at once as end-of-file on the reply fd; there is no
-polling thread. A deadline is enforced in two steps: the worker arms
-faulthandler to dump its stacks, and the parent kills the whole process tree a
-little later, while the worker is still alive to name its descendants.
+Its peer in the worker is ``_child``; the worker is forked by a template
+process (``_template``), which alone signals it. pytest holds no copy of the
+pipe end the worker writes replies to, so the worker's death shows up at once
+as end-of-file on the reply fd; where a process the worker forked still holds
+that pipe, the template's report of the worker's exit tells it instead. There
+is no polling thread. A deadline is enforced in two steps: the worker arms
+faulthandler to dump its stacks, and a little later pytest has the template
+kill the worker with its process group; the processes that left the group
+become the template's orphans when the worker dies, and it kills them too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
+import select
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Union
-
-import psutil
+from typing import Any, Optional
 
 import pytest_subproc
-from pytest_subproc import _child, _codec, _errors, _wire
+from pytest_subproc import _child, _codec, _errors, _template, _wire
 from pytest_subproc._exceptions import WorkerCrashed, WorkerStartError, WorkerTimeout
 from pytest_subproc._template import ForkedProcess, Template
 from pytest_subproc._wire import Kind
 
 # Clocks taken at import, so tests that mock ``time`` cannot disturb deadlines.
 _monotonic = time.monotonic
-_sleep = time.sleep
 
 # How long past a timeout the parent waits for the worker's own faulthandler
 # exit before it kills the tree itself.
 BACKSTOP = 0.3
 START_TIMEOUT = 60.0
-SHUTDOWN_GRACE = 2.0
+# How long a crashed worker's exit code may take to come from its template.
+REAP_WAIT = 1.0
 TAIL = 1 << 16
 
 
@@ -51,6 +51,8 @@ def signal_name(exitcode: Optional[int]) -> Optional[str]:
 
 def describe_exit(exitcode: Optional[int]) -> str:
     """Return ``signal SIGSEGV`` or ``exit code 3``."""
+    if exitcode is None:
+        return "an exit status nobody could learn (its template process ended)"
     name = signal_name(exitcode)
     return f"signal {name}" if name else f"exit code {exitcode}"
 
@@ -88,44 +90,6 @@ def _tail(text: str, limit: int = TAIL) -> str:
     return (
         text if len(text) <= limit else f"[... {len(text) - limit} characters cut]\n{text[-limit:]}"
     )
-
-
-def descendants(pid: int) -> list[psutil.Process]:
-    """The descendants of process ``pid``, or [] if it is gone.
-
-    Linux lists each thread's children in /proc: reading those for the worker
-    and its offspring takes microseconds, where psutil's scan of every process
-    on the machine takes milliseconds.
-    """
-    if not os.path.exists(f"/proc/{pid}/task/{pid}/children"):
-        try:
-            return psutil.Process(pid).children(recursive=True)
-        except psutil.Error:
-            return []
-    found: list[psutil.Process] = []
-    parents = [pid]
-    while parents:
-        for child in _children(parents.pop()):
-            with contextlib.suppress(psutil.Error):
-                found.append(psutil.Process(child))
-                parents.append(child)
-    return found
-
-
-def _children(pid: int) -> list[int]:
-    pids: list[int] = []
-    with contextlib.suppress(OSError):  # gone meanwhile: no children
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                pids.extend(int(p) for p in f.read().split())
-    return pids
-
-
-def _kill_all(procs: list[psutil.Process]) -> None:
-    """SIGKILL each process still running (psutil checks the pid was not reused)."""
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
 
 
 class CaptureFile:
@@ -190,7 +154,7 @@ def child_env() -> dict[str, str]:
     return env
 
 
-# The worker starts in the folder this package was imported from, so that
+# The template starts in the folder this package was imported from, so that
 # ``python -m`` finds this very package (not one that happens to sit in the
 # parent's cwd); it then moves to the parent's cwd.
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pytest_subproc.__file__)))
@@ -199,7 +163,9 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pytest_subproc.__
 class Worker:
     """A worker process, started on first use and replaced after it dies.
 
-    Not thread-safe: one request at a time.
+    Without a shared template, each worker gets a template of its own that
+    imports nothing of pytest's: the worker then starts as fresh as a spawned
+    interpreter. Not thread-safe: one request at a time.
     """
 
     def __init__(
@@ -212,7 +178,10 @@ class Worker:
         self.capture = capture
         self.start_timeout = start_timeout
         self.template = template
+        self._own_template = template is None
         self.starts = 0  # processes that said READY: one, plus one per replacement
+        # Deaths noticed between requests ("signal SIGKILL (pid 12)"), for the summary.
+        self.idle_deaths: list[str] = []
         # Test modules this worker was sent (so their code need not travel again),
         # and fixture values it has shown it can rebuild, as (name, hash of the bytes).
         self.modules: set[str] = set()
@@ -225,7 +194,7 @@ class Worker:
         self._ready = False  # whether the running process has said READY
         # Test modules the template had imported when it forked this worker.
         self.preloaded: frozenset[str] = frozenset()
-        self._proc: Optional[Union[subprocess.Popen[bytes], ForkedProcess]] = None
+        self._proc: Optional[ForkedProcess] = None
         self._files: dict[str, CaptureFile] = {}
         self._req = self._rep = self._life = -1
 
@@ -239,25 +208,53 @@ class Worker:
         """Whether a worker process is up and serving."""
         if self._proc is None or self._proc.returncode is not None:
             return False
-        return not self._exited(0)
+        return not self._proc.exited(0)
 
     def launch(self) -> None:
         """Start the worker process unless it runs; start() or a request waits for it."""
         if self.alive:
             return
-        self._kill_tree()  # a worker that died while idle: reap it, clear up its group
+        if self._proc is not None and self._proc.returncode is None and self._ready:
+            self.idle_deaths.append(self._death())  # died while idle
+        self._release()  # what is left of a worker that died
         self.modules.clear()
         self.checked.clear()
-        self.preloaded = frozenset()
         self.sent_cwd = self.sent_path = None
         self.sent_env = {}
-        self._release()  # what is left of a worker that died
         self._files = {
             name: CaptureFile()
             for name in (("stdout", "stderr") if self.capture else ()) + ("fault",)
         }
         self._ready = False
-        self._spawn()
+        self._fork()
+
+    def _fork(self) -> None:
+        template = self._template()
+        req_r, self._req = _wire.make_pipe()
+        self._rep, rep_w = _wire.make_pipe()
+        life_r, self._life = os.pipe()
+        _template.HELD.add(self._life)
+        std = [self._files[n].fd for n in ("stdout", "stderr")] if self.capture else [1, 2]
+        try:
+            fds = [req_r, rep_w, life_r, self._files["fault"].fd, *std]
+            self._proc = template.fork(fds, child_env(), os.getcwd())
+        finally:
+            for fd in (req_r, rep_w, life_r):
+                os.close(fd)  # the worker's ends: holding them would hide its death
+        self.preloaded = frozenset(template.preloaded)
+        os.set_blocking(self._req, False)
+        os.set_blocking(self._rep, False)
+
+    def _template(self) -> Template:
+        """The template to fork from: ours afresh for each process, if we have our own."""
+        if self._own_template:
+            if self.template is not None:
+                self.template.close()
+            self.template = Template(child_env(), PACKAGE_ROOT, bare=True)
+        assert self.template is not None
+        if self.template.tainted:
+            self.template.close()  # it has a thread: a new one, which will not import that
+        return self.template
 
     def start(self) -> None:
         """Start the worker unless it runs, and wait for it to say it is ready."""
@@ -265,70 +262,74 @@ class Worker:
         if self._ready:
             return
         deadline = _monotonic() + self.start_timeout
-        try:
-            kind, _ = _wire.recv_parts(self._rep, deadline)
-            if kind != Kind.READY:
-                raise _wire.WireCorrupt(f"expected READY, got kind {kind}")
-        except _wire.WireError as exc:
-            self._fail_start(exc)
+        for retry in (True, False):
+            try:
+                kind, _ = self._receive(deadline)
+                if kind != Kind.READY:
+                    raise _wire.WireCorrupt(f"expected READY, got kind {kind}")
+                break
+            except _wire.WireError as exc:
+                if not (retry and self._refused_for_a_thread()):
+                    self._fail_start(exc)
+                self._release()  # forked again, from a template without that thread
+                self.launch()
         self._ready = True
         self.starts += 1  # counted once serving: a worker forked ahead may never be
-        if isinstance(self._proc, ForkedProcess) and self.template is not None:
-            # Its pid is in the template's answers by now; take it while the
-            # template is surely there to read from.
-            self.template.resolve(self._proc)
 
-    def _spawn(self) -> None:
-        req_r, self._req = _wire.make_pipe()
-        self._rep, rep_w = _wire.make_pipe()
-        life_r, self._life = os.pipe()
-        fault = self._files["fault"].fd
-        if self.template is not None:
-            self._fork(req_r, rep_w, life_r, fault)
-            return
-        # -u: output written just before a crash must not die in a buffer.
-        cmd = [sys.executable, "-u", "-m", "pytest_subproc._child"]
-        cmd += [str(fd) for fd in (req_r, rep_w, life_r, fault)]
-        out, err = (self._files[n].fd if self.capture else None for n in ("stdout", "stderr"))
-        try:
-            self._proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                pass_fds=(req_r, rep_w, life_r, fault),
-                env=child_env(),
-                cwd=PACKAGE_ROOT,
-            )
-        finally:
-            for fd in (req_r, rep_w, life_r):
-                os.close(fd)  # the worker's ends: holding them would hide its death
-        os.set_blocking(self._req, False)
-        os.set_blocking(self._rep, False)
-
-    def _fork(self, req_r: int, rep_w: int, life_r: int, fault: int) -> None:
-        assert self.template is not None
-        std = [self._files[n].fd for n in ("stdout", "stderr")] if self.capture else []
-        try:
-            fds = [req_r, rep_w, life_r, fault, *std]
-            self._proc = self.template.fork(fds, child_env(), os.getcwd())
-        finally:
-            for fd in (req_r, rep_w, life_r):
-                os.close(fd)  # the worker's ends: holding them would hide its death
-        self.preloaded = frozenset(self.template.preloaded)
-        os.set_blocking(self._req, False)
-        os.set_blocking(self._rep, False)
+    def _refused_for_a_thread(self) -> bool:
+        return self._proc is not None and self.template is not None and self.template.tainted
 
     def _fail_start(self, cause: BaseException) -> None:
+        proc, template = self._proc, self.template
+        assert proc is not None
+        assert template is not None
         output = self._read("stderr") + self._read("fault")
-        self._kill_tree()
-        code = self._proc.returncode if self._proc else None
+        timed_out = isinstance(cause, _wire.WireTimeout)
+        if proc.waiting or proc.refused:
+            # No worker to speak of: the template is stuck, gone, or refused to fork.
+            output += template.output()
+            if proc.waiting:
+                template.abort()
+            code = template.exitcode if proc.refused or not timed_out else None
+            what = "the worker template"
+        else:
+            code = self._end(kill=timed_out)
+            what = "the worker process"
+        why = "did not answer in time" if timed_out else "exited"
+        msg = f"{what} {why} while starting"
+        if not timed_out:
+            msg += f" ({describe_exit(code)})"
+        if proc.refused and template.running:
+            msg = f"the worker could not be started: {proc.refused}"
         self._release()
-        why = "did not answer in time" if isinstance(cause, _wire.WireTimeout) else "exited"
-        msg = f"the worker process {why} while starting ({describe_exit(code)})"
         if output:
             msg += f"; it printed:\n{_tail(output)}"
         raise WorkerStartError(msg, exitcode=code, output=output) from cause
+
+    def _receive(self, deadline: Optional[float]) -> tuple[int, list[_wire.Received]]:
+        """Wait for the worker's next message, or learn from its template that it died."""
+        rep, proc = self._rep, self._proc
+        assert proc is not None
+        assert self.template is not None
+        poller = select.poll()  # select() rejects fds >= 1024
+        poller.register(rep, select.POLLIN)
+        while True:
+            sock = self.template.fileno()
+            if sock >= 0:
+                poller.register(sock, select.POLLIN)
+            left = None if deadline is None else max(deadline - _monotonic(), 0.0) * 1000
+            ready = {fd for fd, _ in poller.poll(left)}
+            if rep in ready:
+                return _wire.recv_parts(rep, deadline)
+            if not ready:
+                raise _wire.WireTimeout("deadline passed")
+            self.template.drain()
+            if proc.exited(0):  # dead, though something it forked holds its pipe
+                if poller.poll(0):
+                    return _wire.recv_parts(rep, deadline)  # what it sent before dying
+                raise _wire.WireClosed("the worker exited")
+            if sock >= 0 and self.template.fileno() != sock:
+                poller.unregister(sock)
 
     def request(
         self,
@@ -346,17 +347,19 @@ class Worker:
         started = _monotonic()
         deadline = None if timeout is None else started + timeout + BACKSTOP
         try:
-            _wire.send_parts(self._req, kind, parts, deadline)
+            self._send(kind, parts, deadline)
             _wire.await_readable(self._rep, _wire.AWAKE)
-            rkind, data = _wire.recv_parts(self._rep, deadline)
+            rkind, data = self._receive(deadline)
         except _wire.WireTimeout:
             return self._reply(error=self._timed_out(timeout, killed=True))
         except _wire.WireClosed:
             return self._reply(error=self._died(timeout, _monotonic() - started))
+        except _wire.WireCorrupt as exc:
+            return self._reply(error=self._garbled(exc))
         except BaseException:
             # Interrupted (Ctrl-C) or out of step: the reply still due would
             # answer the next request, so this worker cannot serve again.
-            self._kill_tree()
+            self._kill()
             raise
         if rkind == Kind.ERROR:
             return self._reply(error=_errors.load_exception(bytes(data[0])))
@@ -364,6 +367,22 @@ class Worker:
             return self._reply(value=_codec.loads(data))
         except Exception as exc:  # e.g. a class the parent cannot import
             return self._reply(error=exc)
+
+    def _send(self, kind: Kind, parts: list[_wire.Buffer], deadline: Optional[float]) -> None:
+        """Send a request; if the worker died since the last one, send it to a fresh worker."""
+        try:
+            _wire.send_parts(self._req, kind, parts, deadline)
+            return
+        except _wire.WireClosed:
+            pass  # it never read this request, so nothing of it ran
+        self.idle_deaths.append(self._death())
+        self.start()
+        _wire.send_parts(self._req, kind, parts, deadline)
+
+    def _death(self) -> str:
+        """Describe how the worker died while nothing was asked of it."""
+        pid = self.pid
+        return f"worker died between tests: {describe_exit(self._end())} (pid {pid})"
 
     def _reply(self, value: Any = None, error: Optional[BaseException] = None) -> Reply:
         return Reply(value, error, self._read("stdout"), self._read("stderr"))
@@ -375,7 +394,7 @@ class Worker:
     def _timed_out(self, timeout: Optional[float], *, killed: bool) -> WorkerTimeout:
         pid = self.pid or 0
         if killed:
-            self._kill_tree()
+            self._end(kill=True)
         stack = clean_stack(self._read("fault"))
         msg = f"worker timed out after {timeout} s (pid {pid})"
         if stack:
@@ -386,10 +405,10 @@ class Worker:
         raw = self._read("fault")
         # faulthandler's own exit on timeout looks like a death; its dump says which.
         if timeout is not None and raw.startswith("Timeout (") and elapsed >= timeout * 0.9:
-            self._reap()
+            self._end()
             return self._timed_out(timeout, killed=False)
         pid = self.pid or 0
-        code = self._reap()
+        code = self._end()
         stack = clean_stack(raw)
         output = self._read("stderr")
         msg = f"worker crashed: {describe_exit(code)} (pid {pid})"
@@ -399,94 +418,59 @@ class Worker:
             msg, pid=pid, exitcode=code, signal=signal_name(code), stack=stack, output=_tail(output)
         )
 
-    def _exited(self, wait: float) -> bool:
-        """Wait up to ``wait`` s for the worker to exit, without reaping it."""
-        assert self._proc is not None
-        if isinstance(self._proc, ForkedProcess):
-            return self._proc.exited(wait)
-        if not hasattr(os, "waitid"):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(wait)
-            return self._proc.returncode is not None
-        end = _monotonic() + wait
-        while True:
-            # WNOWAIT keeps the zombie, so its pid (and process group id) stays
-            # ours until the group has been killed.
-            flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
-            try:
-                if os.waitid(os.P_PID, self._proc.pid, flags) is not None:
-                    return True
-            except ChildProcessError:
-                return True  # someone else reaped it: gone, exit status lost
-            if _monotonic() >= end:
-                return False
-            _sleep(0.0005)
+    def _garbled(self, exc: _wire.WireCorrupt) -> WorkerCrashed:
+        pid = self.pid or 0
+        self._end(kill=True)
+        msg = (
+            f"the worker's reply could not be read ({exc}), so the worker was killed "
+            f"(pid {pid}); the next request gets a fresh worker"
+        )
+        return WorkerCrashed(msg, pid=pid, exitcode=None, output=_tail(self._read("stderr")))
 
-    def _reap(self, wait: float = 1.0) -> Optional[int]:
-        """Let a dying worker finish exiting, clear up its group, return its exit code."""
-        if self._proc is None:
-            return None
-        if self._proc.returncode is None:
-            self._exited(wait)
-        self._kill_tree()
-        return self._proc.returncode
+    def _end(self, *, kill: bool = False) -> Optional[int]:
+        """Wait for a dying worker's exit code (killing it first if asked), free its pipes.
 
-    def _kill_tree(
-        self, descendants: Optional[list[psutil.Process]] = None, *, wait: bool = True
-    ) -> None:
-        """Kill the worker, its process group and any descendant that left the group."""
+        None when it cannot be known: the template that forked the worker ended.
+        """
         proc = self._proc
         if proc is None or proc.returncode is not None:
-            return
-        if descendants is None:
-            descendants = self._descendants()
-        if hasattr(os, "killpg"):
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        _kill_all(descendants)
-        with contextlib.suppress(OSError):
+            return None if proc is None else proc.returncode
+        if kill:
             proc.kill()
-        if wait or not isinstance(proc, ForkedProcess):
-            proc.wait()
-        else:
+        code = proc.wait(REAP_WAIT) if proc.exited(REAP_WAIT) else None
+        if code is None:
+            self._kill()  # not gone after all, or gone with its template
+        self._close_pipes()
+        return code
+
+    def _kill(self) -> None:
+        """Have the template kill the worker and its group, without waiting."""
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            proc.kill()
             proc.forget()
         self._close_pipes()
-
-    def _descendants(self) -> list[psutil.Process]:
-        """The worker's descendants, found while it lives (an exited worker has none)."""
-        return [] if self._proc is None else descendants(self._proc.pid)
 
     def _close_pipes(self) -> None:
         for name in ("_req", "_rep", "_life"):
             fd = getattr(self, name)
             if fd >= 0:
+                _template.HELD.discard(fd)
                 os.close(fd)
                 setattr(self, name, -1)
 
     def _release(self) -> None:
-        self._close_pipes()
+        self._kill()
         for f in self._files.values():
             f.close()
         self._files = {}
 
     def close(self) -> None:
-        """Ask the worker to exit, kill what remains of its tree, free every fd."""
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            # Taken first: once the worker has exited, descendants that left its
-            # process group can no longer be found.
-            descendants = self._descendants()
-            # A spawned worker may have atexit work (coverage) to finish; a
-            # forked one ends with os._exit either way, so it is killed at once.
-            graceful = not isinstance(proc, ForkedProcess)
-            if graceful:
-                with contextlib.suppress(_wire.WireError, OSError):
-                    deadline = _monotonic() + SHUTDOWN_GRACE
-                    _wire.send_parts(self._req, Kind.SHUTDOWN, [], deadline)
-                self._exited(SHUTDOWN_GRACE)
-            self._kill_tree(descendants, wait=graceful)
-            _kill_all(descendants)
+        """End the worker (its template kills what remains of its tree), free every fd."""
         self._release()
+        if self._own_template and self.template is not None:
+            self.template.close()
+            self.template = None
 
     def restart(self) -> None:
         """Replace the worker with a fresh one."""

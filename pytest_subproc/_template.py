@@ -1,9 +1,11 @@
-"""The parent's side of the template process that forks workers.
+"""pytest's side of a template process (``_zygote`` runs there), which forks workers.
 
 Spawning a worker costs a fresh interpreter and ``import pytest``; forking a
 template that has both already costs a few milliseconds. The template is a
-spawned process of its own (the parent never forks), and since the workers
-are its children, it reports their exit codes.
+spawned process of its own (pytest never forks), and since the workers are
+its children, it reports their exit codes, and it alone signals them: pytest
+asks it to. A template started ``bare`` imports nothing of pytest's and keeps
+one worker, which then starts as fresh as a spawned interpreter.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Any, Optional
+from typing import IO, Any, Optional
 
 from pytest_subproc import _zygote
 from pytest_subproc._exceptions import WorkerStartError
@@ -26,64 +29,111 @@ _monotonic = time.monotonic
 
 START_TIMEOUT = 60.0
 CLOSE_GRACE = 2.0
+# The most of the template's own output a report shows.
+OUTPUT_TAIL = 1 << 14
+
+# Every pytest-side end of a template's socket or a worker's lifeline, closed in
+# a process forked from pytest: one that held them would keep the template and
+# its workers alive after pytest itself died.
+HELD: set[int] = set()
+
+
+def _close_held() -> None:
+    for fd in HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held)
 
 
 def fork_supported() -> bool:
     """Whether workers can be forked from a template here (POSIX, fd passing)."""
-    return hasattr(os, "fork") and hasattr(socket, "send_fds") and hasattr(os, "setpgid")
+    return all(hasattr(os, name) for name in ("fork", "setpgid", "waitid")) and hasattr(
+        socket, "send_fds"
+    )
 
 
 class Template:
     """A template process, started on first use and restarted if it dies."""
 
-    def __init__(self, env: dict[str, str], cwd: str) -> None:
-        self._env, self._cwd = env, cwd
+    def __init__(self, env: dict[str, str], cwd: str, *, bare: bool = False) -> None:
+        self._env, self._cwd, self._bare = env, cwd, bare
         self._proc: Optional[subprocess.Popen[bytes]] = None
+        self._pidfd = -1
         self._sock: Optional[socket.socket] = None
+        self._output: Optional[IO[bytes]] = None  # the template's own stdout and stderr
+        # Which template process this is (one more at each start): a worker
+        # forked by an earlier one is lost with it.
+        self.generation = 0
         self._codes: dict[int, int] = {}  # exit codes reported, not yet collected
         self.preloaded: set[str] = set()
+        # Test modules that start a thread when imported: never imported here again.
+        self.unsafe: set[str] = set()
         self._forgotten: set[int] = set()  # workers whose exit code nobody will ask for
         self._pending: collections.deque[ForkedProcess] = collections.deque()  # forks unanswered
+        self.exitcode: Optional[int] = None  # of the last template process, once it ended
+
+    @property
+    def running(self) -> bool:
+        """Whether a template process was started and has not been seen to end."""
+        return self._sock is not None
 
     def launch(self) -> None:
         """Start the template process unless it runs; nothing waits for it here.
 
         Started while pytest still collects, it imports pytest meanwhile.
         """
-        if self._proc is None or self._proc.poll() is not None:
+        if not self.running or (self._proc is not None and self._proc.poll() is not None):
             self._start()
 
     def _start(self) -> None:
         self.close()
+        self.generation += 1
         self.preloaded.clear()
         self._codes.clear()
         self._forgotten.clear()
-        self._pending.clear()
+        self.exitcode = None
         kind = getattr(socket, "SOCK_SEQPACKET", socket.SOCK_DGRAM)
         ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
+        self._output = tempfile.TemporaryFile(prefix="pytest_subproc-")  # noqa: SIM115 - kept open
+        cmd = [sys.executable, "-u", "-m", "pytest_subproc._zygote", str(theirs.fileno())]
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-u", "-m", "pytest_subproc._zygote", str(theirs.fileno())],
+                cmd + (["bare"] if self._bare else []),
                 stdin=subprocess.DEVNULL,
+                stdout=self._output,
+                stderr=self._output,
                 pass_fds=(theirs.fileno(),),
                 env=self._env,
                 cwd=self._cwd,
             )
+        except OSError as exc:
+            ours.close()
+            self._output.close()
+            raise WorkerStartError(f"the worker template could not be started: {exc}") from exc
         finally:
             theirs.close()
+        self._pidfd = _pidfd(self._proc.pid)
         self._sock = ours  # its "ready" is read with the first answer
+        HELD.add(ours.fileno())
 
     def fork(self, fds: list[int], env: dict[str, str], cwd: str) -> ForkedProcess:
         """Have a worker forked that takes ``fds``; its pid is read when first needed."""
         self.launch()
         assert self._sock is not None
+        message = {"op": "fork", "env": env, "cwd": cwd, "path": list(sys.path)}
         try:
-            _zygote.send(self._sock, {"op": "fork", "env": env, "cwd": cwd}, tuple(fds))
+            _zygote.send(self._sock, message, tuple(fds))
         except _zygote.TooLarge as exc:
             raise WorkerStartError(
-                f"the environment is too large to hand to the worker template ({exc}); "
-                "use --subprocess-start=spawn"
+                f"the environment is too large to hand to the worker template ({exc})"
             ) from exc
+        except OSError:
+            # The template is gone; the worker's wait for its READY says so.
+            return ForkedProcess(self, refused="the worker template exited")
         proc = ForkedProcess(self)
         self._pending.append(proc)  # the template answers in order
         return proc
@@ -93,124 +143,222 @@ class Template:
 
         Nothing waits: the template imports it before it forks the next worker.
         """
-        if path in self.preloaded:
+        if path in self.preloaded or path in self.unsafe:
             return
         self.launch()
         assert self._sock is not None
         message = {"op": "import", "name": name, "path": path, "code": code, "context": context}
-        try:
-            _zygote.send(self._sock, message)
-        except _zygote.TooLarge:
-            try:  # too much code for one message: the template rewrites the module itself
-                _zygote.send(self._sock, {**message, "code": None})
+        with contextlib.suppress(OSError):  # the template is gone: its workers import it
+            try:
+                _zygote.send(self._sock, message)
             except _zygote.TooLarge:
-                return  # each worker imports the module itself instead
-        self.preloaded.add(path)
+                try:  # too much code for one message: the template rewrites the module itself
+                    _zygote.send(self._sock, {**message, "code": None})
+                except _zygote.TooLarge:
+                    return  # each worker imports the module itself instead
+            self.preloaded.add(path)
+
+    def kill(self, pid: int) -> None:
+        """Have the template kill a worker it forked, with its process group."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                _zygote.send(self._sock, {"op": "kill", "pid": pid})
 
     def resolve(self, proc: ForkedProcess) -> None:
-        """Read answers until the template has said which pid ``proc`` got."""
+        """Read answers until the template has said what became of ``proc``'s fork."""
         deadline = _monotonic() + START_TIMEOUT
-        while proc.pid_or_none is None:
-            self._next(deadline)
+        while proc.waiting:
+            if not self._next(deadline):
+                proc.refused = "the worker template did not answer in time"
+                self._stop()
 
     def exit_code(self, pid: int, wait: float) -> Optional[int]:
         """Return a worker's exit code once the template has reported it (None: not yet)."""
         deadline = _monotonic() + wait
-        try:
-            while pid not in self._codes:
-                if self._sock is None or self._next(deadline, block=False) is None:
-                    return None
-        except WorkerStartError:
-            return None  # the template is gone, and what it knew with it
-        return self._codes.pop(pid)
+        while pid not in self._codes and self.running:
+            if not self._next(deadline):
+                return None
+        return self._codes.pop(pid, None)
 
-    def _next(self, deadline: float, *, block: bool = True) -> object:
-        """Read one message; exit codes are filed as they come. None on timeout."""
+    def fileno(self) -> int:
+        """The socket to wait on beside a worker's pipe (-1 once the template ended)."""
+        return -1 if self._sock is None else self._sock.fileno()
+
+    def drain(self) -> None:
+        """Take in whatever the template has said, without waiting."""
+        while self.running and self._next(_monotonic()):
+            pass
+
+    def _next(self, deadline: float) -> bool:
+        """Read one message, filing what it says; False if none came by ``deadline``."""
         assert self._sock is not None
-        left = max(deadline - _monotonic(), 0.0)
-        if not select.select([self._sock], [], [], left)[0]:
-            if block:
-                self.close()
-                raise WorkerStartError("the worker template did not answer in time")
-            return None
-        message, fds = _zygote.recv(self._sock)
+        poller = select.poll()  # select() rejects fds >= 1024
+        poller.register(self._sock, select.POLLIN)
+        if not poller.poll(max(deadline - _monotonic(), 0.0) * 1000):
+            return False
+        try:
+            message, fds = _zygote.recv(self._sock)
+        except OSError:
+            message, fds = None, []
         for fd in fds:
             os.close(fd)
         if message is None:
-            self.close()
-            raise WorkerStartError("the worker template exited")
-        if message[0] == "forked":
+            self._ended()
+        else:
+            self._file(message)
+        return True
+
+    def _file(self, message: tuple[Any, ...]) -> None:
+        what = message[0]
+        if what == "forked":
             self._pending.popleft().pid_or_none = message[1]
-        elif message[0] == "exit":
+        elif what == "refused":
+            self._pending.popleft().refused = message[1]
+        elif what == "exit":
             if message[1] in self._forgotten:
                 self._forgotten.discard(message[1])
             else:
                 self._codes[message[1]] = message[2]
-        return message
+        elif what == "imported" and message[3]:
+            # The template has a thread now, so it cannot fork safely any more:
+            # the next fork starts a new one, which never imports that module.
+            self.unsafe.add(message[1])
+
+    @property
+    def tainted(self) -> bool:
+        """Whether the running template imported a module that started a thread."""
+        return bool(self.unsafe & self.preloaded)
 
     def forget(self, pid: int) -> None:
         """Nobody will ask for this worker's exit code: drop it when it comes."""
         if self._codes.pop(pid, None) is None:
             self._forgotten.add(pid)
 
-    def close(self) -> None:
-        """Stop the template; the workers it forked live on until their own end."""
+    def _ended(self) -> None:
+        """The template has gone: so have its workers (they die with it)."""
+        self._stop()
+
+    def output(self) -> str:
+        """The tail of what the template itself printed (an import error, say)."""
+        if self._output is None:
+            return ""
+        size = os.fstat(self._output.fileno()).st_size
+        start = max(size - OUTPUT_TAIL, 0)
+        return os.pread(self._output.fileno(), size - start, start).decode("utf-8", "replace")
+
+    def _stop(self) -> None:
+        """Close our end, wait for the template's exit (it kills its workers), reap it."""
         if self._sock is not None:
-            self._sock.close()  # the template exits when it sees this
+            HELD.discard(self._sock.fileno())
+            self._sock.close()  # the template ends its workers and exits when it sees this
             self._sock = None
+        for pending in self._pending:
+            pending.refused = pending.refused or "the worker template exited"
+        self._pending.clear()
         proc, self._proc = self._proc, None
         if proc is not None:
             try:
                 proc.wait(CLOSE_GRACE)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(OSError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.kill()  # in case it never got as far as leading its group
+                self._kill_template(proc)
                 proc.wait()
+            self.exitcode = proc.returncode
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    def _kill_template(self, proc: subprocess.Popen[bytes]) -> None:
+        # Only we reap it, so until wait() returns its pid is ours; through a
+        # pidfd the signal cannot reach another process even if someone else
+        # reaped it meanwhile.
+        if self._pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        else:
+            proc.kill()
+
+    def abort(self) -> None:
+        """Kill a template that does not answer, then close it."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._kill_template(self._proc)
+        self.close()
+
+    def close(self) -> None:
+        """Stop the template and every worker it still holds."""
+        self._stop()
+        if self._output is not None:
+            self._output.close()
+            self._output = None
+
+
+def _pidfd(pid: int) -> int:
+    """A pidfd for our new child (Linux 5.3+), or -1."""
+    if not (hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")):
+        return -1
+    try:
+        fd: int = os.pidfd_open(pid)
+    except OSError:
+        return -1
+    os.set_inheritable(fd, False)
+    return fd
 
 
 class ForkedProcess:
-    """What Worker needs of a Popen, for a worker forked by the template."""
+    """What a Worker holds of its process, forked by the template."""
 
-    def __init__(self, template: Template) -> None:
+    def __init__(self, template: Template, refused: Optional[str] = None) -> None:
         self.pid_or_none: Optional[int] = None  # until the template says
+        self.refused = refused  # why the template did not fork it
         self.returncode: Optional[int] = None
         self._template = template
+        self._generation = template.generation
         self._code: Optional[int] = None
+        self.lost = False  # its template ended: its exit code is unknowable
 
     @property
-    def pid(self) -> int:
-        """The worker's pid, waiting for the template to tell it if need be."""
-        if self.pid_or_none is None:
+    def waiting(self) -> bool:
+        """Whether the template has yet to answer for this fork."""
+        return self.pid_or_none is None and self.refused is None
+
+    @property
+    def _current(self) -> bool:
+        return self._template.generation == self._generation and self._template.running
+
+    @property
+    def pid(self) -> Optional[int]:
+        """The worker's pid, waiting for the template to tell it if need be; None if refused."""
+        if self.waiting and self._current:
             self._template.resolve(self)
-        assert self.pid_or_none is not None
         return self.pid_or_none
 
     def exited(self, wait: float) -> bool:
         """Whether the worker has exited, waiting up to ``wait`` seconds to learn it."""
-        if self._code is None:
-            self._code = self._template.exit_code(self.pid, wait)
-        return self._code is not None
+        if self._code is not None or self.lost:
+            return True
+        pid = self.pid
+        if pid is None:
+            return True  # never forked
+        if self._current:
+            self._code = self._template.exit_code(pid, wait)
+        if self._code is None and not self._current:
+            self.lost = True
+        return self._code is not None or self.lost
+
+    def kill(self) -> None:
+        """Have the template kill the worker, unless it has ended."""
+        pid = self.pid
+        if pid is not None and not self.exited(0) and self._current:
+            self._template.kill(pid)
 
     def forget(self) -> None:
         """Give up on the exit code (the worker was killed on purpose)."""
-        if self._code is None:
-            self._template.forget(self.pid)
+        if self._code is None and self.pid_or_none is not None and self._current:
+            self._template.forget(self.pid_or_none)
         self.returncode = self._code if self._code is not None else -signal.SIGKILL
 
-    def kill(self) -> None:
-        if self._code is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-
-    def wait(self, timeout: Optional[float] = None) -> int:
-        """Return the exit code; -SIGKILL's code if the template could not tell it."""
-        if not self.exited(START_TIMEOUT if timeout is None else timeout):
-            if timeout is not None:
-                raise subprocess.TimeoutExpired(str(self.pid), timeout)
-            self.kill()
-            if not self.exited(CLOSE_GRACE):
-                self._code = -signal.SIGKILL  # what we just sent; the template is gone
-        self.returncode = code = self._code
-        assert code is not None
-        return code
+    def wait(self, timeout: float) -> Optional[int]:
+        """Return the exit code once known; None if it cannot be known (the template ended)."""
+        if not self.exited(timeout):
+            raise subprocess.TimeoutExpired(str(self.pid), timeout)
+        self.returncode = self._code
+        return self._code

@@ -1,14 +1,24 @@
-"""The template process: imported once, forked into a fresh worker on request.
+"""The template process (runs there): imported once, forked into workers on request.
 
-Started as ``python -m pytest_subproc._zygote CTRL`` where CTRL is one end of
-a socket pair to the parent. It imports what a worker needs (pytest
-included), then waits. Asked to fork, it receives the new worker's fds over
-the socket, forks, and tells the parent the new pid; when a worker exits it
-reaps it and sends the exit code, which the parent cannot get itself (the
-worker is not its child). It stays single-threaded, so forking it is safe,
-and it exits when the parent's end of the socket closes.
+Its peer in the pytest process is ``_template``. Started as ``python -m
+pytest_subproc._zygote CTRL [bare]`` where CTRL is one end of a socket pair
+to pytest. It imports what a worker needs (pytest included, unless ``bare``),
+then waits. Asked to fork, it receives the new worker's fds over the socket,
+forks, and tells pytest the new pid; when a worker exits it reaps it and
+sends the exit code, which pytest cannot get itself (the worker is not its
+child). A ``bare`` template keeps a single spawned worker: it imports nothing
+of pytest's, so that worker starts as fresh as a spawned interpreter.
 
-The parent itself never forks: it only spawns this process.
+Only this process signals its workers, and only before it has reaped them:
+until then a worker's pid and process group id cannot belong to anyone else,
+even once it has exited (a zombie holds both). On Linux it is a child
+subreaper, as is every worker, so a process that a test started and that
+left its worker's process group or session is still found: it stays in its
+worker's subtree while the worker lives, and becomes this process's child
+when the worker dies, to be killed here. It forks only while it has a single
+thread, and it ends every process it holds when pytest goes away.
+
+pytest itself never forks: it only spawns this process.
 """
 
 from __future__ import annotations
@@ -21,13 +31,15 @@ import select
 import signal
 import socket
 import sys
+import threading
+import time
 import traceback
-from typing import Any
+from typing import Any, Callable, Optional
 
 from pytest_subproc import _child
 
 # The fds of one worker, in the order they travel: requests, replies,
-# lifeline, faulthandler file, then stdout and stderr when captured.
+# lifeline, faulthandler file, stdout, stderr.
 MAX_FDS = 6
 # A message is one datagram of a socket pair, which Linux caps near 200 KiB.
 MAX_MESSAGE = 180 * 1024
@@ -40,6 +52,11 @@ _WARM = (
     "_pytest.logging",
     "pytest_subproc._runbody",
 )
+# How long the template keeps killing what it holds once pytest has gone.
+SHUTDOWN = 5.0
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+_monotonic = time.monotonic
 
 
 class TooLarge(ValueError):
@@ -58,6 +75,49 @@ def recv(sock: socket.socket) -> tuple[Any, list[int]]:
     """Receive one message and its fds; (None, []) once the other end is closed."""
     data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
     return (pickle.loads(data) if data else None), fds
+
+
+def _prctl() -> Optional[Callable[..., int]]:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl()
+
+
+def become_subreaper() -> None:
+    """Adopt the orphans among our descendants (Linux), so they can still be found."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def children() -> list[int]:
+    """The pids of our children, exited ones included until we reap them."""
+    pid = os.getpid()
+    try:
+        pids: list[int] = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                pids.extend(int(p) for p in f.read().split())
+        return pids
+    except OSError:
+        import psutil  # no /proc: slower, but these are our children all the same
+
+        return [p.pid for p in psutil.Process(pid).children()]
+
+
+def thread_count() -> int:
+    """Every thread of this process, native ones included where the system tells."""
+    try:
+        return len(os.listdir(f"/proc/{os.getpid()}/task"))
+    except OSError:
+        return threading.active_count()
 
 
 def _prepare() -> None:
@@ -82,96 +142,200 @@ def _preload(message: dict[str, Any]) -> str:
     return ""
 
 
-def _become_worker(
-    ctrl: socket.socket, wake: tuple[int, int], message: dict[str, Any], fds: list[int]
-) -> None:
-    """In the forked child: take the fds and serve as a worker until done, then exit."""
-    code = 0
+def _exit_code(status: int) -> int:
+    return os.waitstatus_to_exitcode(status)
+
+
+def _exited_child() -> Optional[int]:
+    """The pid of a child that has exited, left unreaped; None if none has."""
     try:
-        ctrl.close()
-        for fd in wake:
+        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    return None if info is None else info.si_pid
+
+
+class Keeper:
+    """The template's state: its control socket and the workers it has not reaped."""
+
+    def __init__(self, ctrl: socket.socket) -> None:
+        self.ctrl = ctrl
+        self.workers: set[int] = set()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        # Why forking is no longer safe here (a thread was started), if it is not.
+        self.unsafe = ""
+        self.handlers: dict[str, Callable[[dict[str, Any], list[int]], None]] = {
+            "fork": self.on_fork,
+            "import": self.on_import,
+            "kill": self.on_kill,
+        }
+
+    def answer(self, message: Any) -> None:
+        with contextlib.suppress(OSError):  # pytest is gone: the loop sees it next
+            send(self.ctrl, message)
+
+    def serve(self) -> None:
+        """Serve pytest until it goes away, then end everything we hold."""
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the poll below
+        self.answer(("ready", os.getpid()))
+        poller = select.poll()  # select() rejects fds >= 1024
+        poller.register(self.ctrl.fileno(), select.POLLIN)
+        poller.register(self.wake_r, select.POLLIN)
+        while True:
+            ready = {fd for fd, _ in poller.poll()}
+            if self.wake_r in ready:
+                os.read(self.wake_r, 4096)
+            self.reap()
+            if self.ctrl.fileno() in ready and not self.receive():
+                break
+        self.shutdown()
+
+    def receive(self) -> bool:
+        """Handle one message from pytest; False once it has gone."""
+        try:
+            message, fds = recv(self.ctrl)
+        except OSError:
+            return False
+        if message is None:
+            return False
+        self.handlers[message["op"]](message, fds)
+        return True
+
+    def on_import(self, message: dict[str, Any], fds: list[int]) -> None:
+        error = _preload(message)
+        if thread_count() > 1:
+            self.unsafe = f"importing {message['path']} started a thread"
+        self.answer(("imported", message["path"], error, self.unsafe))
+
+    def on_fork(self, message: dict[str, Any], fds: list[int]) -> None:
+        try:
+            if thread_count() > 1:
+                # A fork copies one thread; a lock another held stays locked forever.
+                self.answer(("refused", self.unsafe or "the template has started a thread"))
+                return
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                self.answer(("refused", f"the worker could not be forked: {exc}"))
+                return
+            if pid == 0:
+                _become_worker(self, message, fds)
+            self.workers.add(pid)
+            self.answer(("forked", pid))
+        finally:
+            for fd in fds:
+                os.close(fd)  # the worker's now; holding them would hide its death
+
+    def on_kill(self, message: dict[str, Any], fds: list[int]) -> None:
+        pid = message["pid"]
+        if pid in self.workers:  # not reaped yet: that pid and its group are still ours
+            _kill(pid)
+
+    def reap(self) -> None:
+        """Reap every child that has exited, report workers' exits, kill orphans."""
+        while True:
+            pid = _exited_child()
+            if pid is None:
+                break
+            if pid in self.workers:
+                # Exited but not reaped, so its group id is still ours: end the
+                # group's stragglers before the id can be anyone else's.
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            if pid in self.workers:
+                self.workers.discard(pid)
+                self.answer(("exit", pid, _exit_code(status)))
+        self.kill_orphans()
+
+    def kill_orphans(self) -> None:
+        """Kill every child that is not a worker: left behind by a worker that died."""
+        for pid in children():
+            if pid not in self.workers:
+                # Our child, not reaped (only this thread reaps): the pid is ours.
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def shutdown(self) -> None:
+        """End every worker and orphan we hold, and wait until none is left."""
+        deadline = _monotonic() + SHUTDOWN
+        for pid in self.workers:
+            _kill(pid)
+        poller = select.poll()
+        poller.register(self.wake_r, select.POLLIN)
+        while True:
+            self.reap()
+            if not children() or _monotonic() > deadline:
+                return
+            if poller.poll(50):
+                os.read(self.wake_r, 4096)
+
+
+def _kill(pid: int) -> None:
+    """Kill a worker and its process group (the caller holds it unreaped)."""
+    for kill in (os.killpg, os.kill):
+        with contextlib.suppress(OSError):
+            kill(pid, signal.SIGKILL)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Be killed when the template dies (Linux), and be a subreaper for our own orphans."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # it died before we asked
+            os._exit(70)
+    become_subreaper()
+
+
+def _become_worker(keeper: Keeper, message: dict[str, Any], fds: list[int]) -> None:
+    """In the forked child: take the fds and serve as a worker until done, then exit."""
+    code = 70  # set first: a failure to print the traceback must not read as success
+    try:
+        _die_with_parent(os.getppid())
+        keeper.ctrl.close()
+        for fd in (keeper.wake_r, keeper.wake_w):
             os.close(fd)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        req, rep, life, fault, *std = fds
-        for target, fd in zip((1, 2), std):
+        req, rep, life, fault, out, err = fds
+        for target, fd in ((1, out), (2, err)):
             os.dup2(fd, target)
             os.close(fd)
         os.environ.clear()
         os.environ.update(message["env"])
         with contextlib.suppress(OSError):
             os.chdir(message["cwd"])
-        sys.path[0] = message["cwd"]
+        # The parent's sys.path only now: the worker's own imports are done.
+        sys.path[:] = message["path"]
         _child.serve_worker(req, rep, life, fault)
+        code = 0
     except BaseException:
-        traceback.print_exc()  # into the worker's stderr, which the parent reads
-        code = 70
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()  # into the worker's stderr, which the parent reads
     finally:
         for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(BaseException):
                 stream.flush()
         os._exit(code)  # never back into the template's loop
 
 
-def _reap(ctrl: socket.socket) -> None:
-    """Report the exit code of every worker that has exited."""
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        send(ctrl, ("exit", pid, os.waitstatus_to_exitcode(status)))
-
-
-def _fork(
-    ctrl: socket.socket, wake: tuple[int, int], message: dict[str, Any], fds: list[int]
-) -> None:
-    pid = os.fork()
-    if pid == 0:
-        _become_worker(ctrl, wake, message, fds)
-    for fd in fds:
-        os.close(fd)  # the worker's now; holding them would hide its death
-    send(ctrl, ("forked", pid))
-
-
-def serve(ctrl: socket.socket) -> None:
-    """Fork workers on request until the parent goes away."""
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the select below
-    send(ctrl, ("ready", os.getpid()))
-    while True:
-        ready, _, _ = select.select([ctrl.fileno(), wake_r], [], [])
-        if wake_r in ready:
-            os.read(wake_r, 4096)
-            try:
-                _reap(ctrl)
-            except ConnectionError:
-                return  # the parent is gone
-        if ctrl.fileno() in ready:
-            try:
-                message, fds = recv(ctrl)
-            except ConnectionError:
-                message, fds = None, []  # closed with our reports unread
-            if message is None:
-                return  # the parent is gone; its workers watch it themselves
-            if message["op"] == "import":
-                send(ctrl, ("imported", _preload(message)))
-            else:
-                _fork(ctrl, (wake_r, wake_w), message, fds)
-
-
 def main(argv: list[str]) -> None:
-    """Start-up: move to the parent's cwd, import, serve."""
+    """Start-up: import, move to the parent's cwd, serve."""
+    # Taken now, used after the imports: nothing in the user's folder (a
+    # random.py, say) may shadow what pytest and this package import.
+    cwd = os.environ.pop(_child.CWD_ENV, None)
     with socket.socket(fileno=int(argv[1])) as ctrl:  # closed at exit, not left to warn
         os.set_inheritable(ctrl.fileno(), False)
         _child.own_group()
-        _child.move_to_parent_cwd()
-        _prepare()
-        serve(ctrl)
+        become_subreaper()
+        if argv[2:] != ["bare"]:
+            _prepare()
+        if cwd is not None:
+            with contextlib.suppress(OSError):
+                os.chdir(cwd)
+        Keeper(ctrl).serve()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Helpers shared by the acceptance tests that drive an inner pytest."""
+"""Helpers shared by the tests, most of them by the acceptance tests that drive an inner pytest."""
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -93,3 +94,65 @@ def pidlog(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Path:
     pytester.makepyfile(pidlog=PIDLOG)
     monkeypatch.setenv("PIDLOG", str(path))
     return path
+
+
+# Set by pytest itself for each phase of a test, and removed after it.
+CURRENT_TEST_VAR = "PYTEST_CURRENT_TEST"
+
+
+def _environ() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop(CURRENT_TEST_VAR, None)
+    return env
+
+
+def _getcwd() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:  # the directory was removed
+        return None
+
+
+class ProcessState:
+    """This process's os.environ, cwd and sys.path, to put back later.
+
+    ``PYTEST_CURRENT_TEST`` is left out: pytest changes it between the phases
+    of a test.
+    """
+
+    def __init__(self) -> None:
+        self.env = _environ()
+        self.cwd = _getcwd()
+        self.path_list = sys.path
+        self.path = list(sys.path)
+
+    def restore(self) -> list[str]:
+        """Put back whatever changed since this was taken, and say what that was."""
+        changed = []
+        env = _environ()
+        if env != self.env:
+            for name in sorted(env.keys() - self.env.keys()):
+                changed.append(f"set ${name}")
+                del os.environ[name]
+            for name, value in sorted(self.env.items()):
+                if env.get(name) != value:
+                    changed.append(f"changed ${name}" if name in env else f"unset ${name}")
+                    os.environ[name] = value
+        cwd = _getcwd()
+        if cwd != self.cwd:
+            changed.append(f"moved the cwd from {self.cwd} to {cwd}")
+            if self.cwd is not None:
+                try:
+                    os.chdir(self.cwd)
+                except OSError as exc:
+                    changed.append(f"and it cannot be moved back: {exc}")
+        if sys.path is not self.path_list:
+            changed.append("replaced the sys.path list")
+            sys.path = self.path_list
+        if sys.path != self.path:
+            added = [p for p in sys.path if p not in self.path]
+            removed = [p for p in self.path if p not in sys.path]
+            what = f"added {added}, removed {removed}" if added or removed else "reordered it"
+            changed.append(f"changed sys.path: {what}")
+            sys.path[:] = self.path
+        return changed

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import marshal
 import os
-import sys
 from pathlib import Path
 
 import psutil
@@ -13,7 +12,6 @@ from _inner import PLUGIN, assert_gone
 
 import pytest_subproc
 from pytest_subproc import _zygote
-from pytest_subproc._child import Mirror, applied
 from pytest_subproc._process import PACKAGE_ROOT, Worker, child_env
 from pytest_subproc._subworker import Subworker
 from pytest_subproc._template import Template, fork_supported
@@ -97,70 +95,6 @@ def test_a_dead_template_is_started_again(template: Template, forked: Subworker)
     assert forked.pid != first
     forked.run("y = 2")
     assert forked.load("y") == 2
-
-
-@pytest.fixture
-def scratch_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """Variables these tests may set, all put back (or removed) afterwards."""
-    for name in ("SUBPROC_KEEP", "SUBPROC_GONE", "SUBPROC_NEW", "SUBPROC_BEHIND"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("SUBPROC_KEEP", "1")
-    monkeypatch.setenv("SUBPROC_GONE", "1")
-    return monkeypatch
-
-
-def test_mirror_applies_changes_touching_only_what_differs(
-    scratch_env: pytest.MonkeyPatch,
-) -> None:
-    mirror = Mirror()
-    target = {k: v for k, v in os.environ.items() if k != "SUBPROC_GONE"}
-    mirror.enter({"env": {**target, "SUBPROC_NEW": "2"}})
-    assert "SUBPROC_GONE" not in os.environ
-    assert os.environ["SUBPROC_NEW"] == "2"
-    touched: list[str] = []
-    putenv = os.putenv
-    scratch_env.setattr(os, "putenv", lambda k, v: (touched.append(os.fsdecode(k)), putenv(k, v)))
-    mirror.enter({"env_changes": {"SUBPROC_NEW": "3", "SUBPROC_KEEP": "1"}})
-    assert os.environ["SUBPROC_NEW"] == "3"
-    assert touched == ["SUBPROC_NEW"]
-
-
-def test_mirror_undoes_what_changed_behind_its_back(scratch_env: pytest.MonkeyPatch) -> None:
-    mirror = Mirror()
-    mirror.enter({"env": dict(os.environ)})
-    os.environ["SUBPROC_BEHIND"] = "set by a test body"
-    os.environ["SUBPROC_KEEP"] = "changed by a test body"
-    mirror.enter({"env_changes": {}})
-    assert "SUBPROC_BEHIND" not in os.environ
-    assert os.environ["SUBPROC_KEEP"] == "1"
-
-
-def test_mirror_puts_back_the_cwd_and_path_the_parent_no_longer_sends(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    # The parent sends them only when they change; a body may have moved ours.
-    here = os.getcwd()
-    monkeypatch.chdir(here)  # put back after the test, whatever happens
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    mirror = Mirror()
-    mirror.enter({"cwd": here, "path": ["a"]})
-    os.chdir(tmp_path)
-    sys.path.append("b")
-    mirror.enter({"env_changes": {}})
-    assert (os.getcwd(), sys.path) == (here, ["a"])
-
-
-def test_applied_puts_back_environment_cwd_and_path(
-    scratch_env: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    cwd, path = os.getcwd(), list(sys.path)
-    env = {k: v for k, v in os.environ.items() if k != "SUBPROC_GONE"}
-    where = str(tmp_path.resolve())
-    with applied({"env": {**env, "SUBPROC_NEW": "x"}, "cwd": where, "path": ["p"]}):
-        assert (os.environ["SUBPROC_NEW"], "SUBPROC_GONE" in os.environ) == ("x", False)
-        assert (os.getcwd(), sys.path) == (where, ["p"])
-    assert ("SUBPROC_NEW" in os.environ, os.environ["SUBPROC_GONE"]) == (False, "1")
-    assert (os.getcwd(), sys.path) == (cwd, path)
 
 
 @pytest.mark.usefixtures("no_plugin_autoload")

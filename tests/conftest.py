@@ -10,6 +10,12 @@ Every test is checked for
 
 A leaked process is killed and reaped before the test is failed, so one leak
 does not cascade into failures of the tests that follow.
+
+The machine may be shared: only a process proved ours is ever signalled. It is
+held first (on Linux by a pidfd, which names the process, not its pid), then
+proved a descendant of this process or started with our token, then signalled
+through what holds it, so that the signal can reach no process that took its
+pid since.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import select
+import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import psutil
 import pytest
@@ -32,13 +40,29 @@ CHILD_GRACE = 2.0
 FD_GRACE = 0.5
 
 TOKEN_VAR = "PYTEST_SUBPROC_SUITE_TOKEN"
+# What marks a process as started by this session, fresh in each process so
+# that xdist workers do not take each other's descendants for their own
+# orphans. Kept here: a test may change or empty os.environ, and a token read
+# back from there could be missing, and then match every process without it.
+TOKEN = uuid.uuid4().hex
 _ME = psutil.Process()
+# Whether a process can be held by a pidfd (Linux 5.3 and later).
+_PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # A fresh token per process, so xdist workers do not see each other's
-    # descendants as their own orphans.
-    os.environ[TOKEN_VAR] = uuid.uuid4().hex
+    # For our descendants to inherit.
+    os.environ[TOKEN_VAR] = TOKEN
+
+
+def _is_ours(proc: psutil.Process, anchors: Sequence[int] = ()) -> bool:
+    """Whether ``proc`` descends from this process (or one of ``anchors``) or carries our token."""
+    try:
+        if any(p.pid == _ME.pid or p.pid in anchors for p in proc.parents()):
+            return True
+        return proc.environ().get(TOKEN_VAR) == TOKEN
+    except psutil.Error:  # gone meanwhile, or not ours to read
+        return False
 
 
 def _new_processes(existing: set[int]) -> list[psutil.Process]:
@@ -47,19 +71,96 @@ def _new_processes(existing: set[int]) -> list[psutil.Process]:
     Ours means a descendant of this process, or carrying this session's token
     (an orphan whose parent has exited). Diffing pid lists, rather than
     calling ``children(recursive=True)`` twice, keeps the check at a fraction
-    of a millisecond per test: only the few new pids are looked at.
+    of a millisecond per test: only the few new pids are looked at. What is
+    found here is proved ours again before it is signalled (see ``_hold``).
     """
-    token = os.environ.get(TOKEN_VAR)
     found = []
     for pid in set(psutil.pids()) - existing:
         try:
             proc = psutil.Process(pid)
-            mine = any(p.pid == _ME.pid for p in proc.parents())
-            if mine or proc.environ().get(TOKEN_VAR) == token:
-                found.append(proc)
-        except psutil.Error:  # gone meanwhile, or not ours to read
+        except psutil.Error:
             continue
+        if _is_ours(proc):
+            found.append(proc)
     return found
+
+
+class _Held:
+    """A process held so that signals sent through this reach it and no other.
+
+    A pidfd names the process itself: once it is reaped, signalling through
+    the pidfd fails instead of reaching whatever took its pid. Without one,
+    psutil compares the start time before each signal, which leaves only the
+    instant between that comparison and the signal.
+    """
+
+    def __init__(self, proc: psutil.Process, fd: int | None) -> None:
+        self.proc = proc
+        self.fd = fd
+
+    def holds_pid(self) -> bool:
+        """Whether the process has not been reaped, and so still owns its pid."""
+        if self.fd is None:
+            return self.proc.is_running()
+        try:
+            signal.pidfd_send_signal(self.fd, 0)
+        except OSError:
+            return False
+        return True
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError, psutil.Error):
+            if self.fd is None:
+                self.proc.kill()  # psutil checks the start time first
+            else:
+                signal.pidfd_send_signal(self.fd, signal.SIGKILL)
+
+    def exited(self) -> bool:
+        """Whether the process has exited (held by a pidfd only)."""
+        assert self.fd is not None
+        poll = select.poll()
+        poll.register(self.fd, select.POLLIN)
+        return bool(poll.poll(0))
+
+    def reap(self) -> None:
+        """Reap the process if it is our child and has exited."""
+        if self.fd is not None and hasattr(os, "P_PIDFD"):
+            with contextlib.suppress(OSError):
+                os.waitid(os.P_PIDFD, self.fd, os.WEXITED | os.WNOHANG)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _hold(proc: psutil.Process, roots: Sequence[_Held] = ()) -> _Held | None:
+    """Hold ``proc`` if it is proved ours, else None.
+
+    Ours: a descendant of this process or of one of ``roots`` (held already),
+    or started with our token. The proof is made once the process is held,
+    and counts only if it and the roots still own their pids afterwards: the
+    pids then named them throughout.
+    """
+    fd = None
+    if _PIDFD:
+        try:
+            fd = os.pidfd_open(proc.pid)
+        except ProcessLookupError:
+            return None
+        except OSError:  # pidfds refused here: fall back on the start time
+            fd = None
+    held = _Held(proc, fd)
+    anchors = [root.proc.pid for root in roots]
+    if (
+        proc.is_running()  # not a process that took the pid since ``proc`` was made
+        and _is_ours(proc, anchors)
+        and held.holds_pid()
+        and all(root.holds_pid() for root in roots)
+    ):
+        return held
+    held.close()
+    return None
 
 
 def _is_worker(proc: psutil.Process) -> bool:
@@ -69,17 +170,39 @@ def _is_worker(proc: psutil.Process) -> bool:
         return False
 
 
-def _kill_trees(procs: list[psutil.Process]) -> None:
-    """Kill each process with its descendants, children first, and reap them."""
-    victims: list[psutil.Process] = []
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            victims.extend(proc.children(recursive=True))
-        victims.append(proc)
-    for proc in victims:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(victims, timeout=CHILD_GRACE)
+def _kill_trees(roots: list[_Held]) -> None:
+    """Kill each held process with its descendants, and reap those that are our children.
+
+    Every descendant is held and proved ours before any process is killed,
+    while the roots it descends from still stand.
+    """
+    victims = list(roots)
+    for root in roots:
+        try:
+            descendants = root.proc.children(recursive=True)
+        except psutil.Error:
+            continue
+        for proc in descendants:
+            held = _hold(proc, roots)
+            if held is not None:
+                victims.append(held)
+    try:
+        for held in reversed(victims):  # children first
+            held.kill()
+        deadline = time.monotonic() + CHILD_GRACE
+        pending = [held for held in victims if held.fd is not None]
+        while pending and time.monotonic() < deadline:
+            pending = [held for held in pending if not held.exited()]
+            if pending:
+                time.sleep(0.005)
+        for held in victims:
+            held.reap()
+        # Without pidfds, psutil reaps our children by pid (checked against
+        # reuse by start time).
+        psutil.wait_procs([held.proc for held in victims if held.fd is None], timeout=CHILD_GRACE)
+    finally:
+        for held in victims:
+            held.close()
 
 
 def _describe(proc: psutil.Process) -> str:
@@ -160,8 +283,9 @@ def _check_processes(item: pytest.Item, existing: set[int]) -> list[str]:
     alive = _wait_exit(new, CHILD_GRACE)
     if not alive:
         return []
-    report = [_describe(p) for p in alive]
-    _kill_trees(alive)
+    held = [h for h in map(_hold, alive) if h is not None]
+    report = [_describe(h.proc) for h in held]
+    _kill_trees(held)
     return report
 
 

@@ -1,4 +1,5 @@
-"""Suite-wide guards: a test that leaks processes or file descriptors fails.
+"""Suite-wide guards: a test that leaks processes or file descriptors, or
+changes this process's environment, cwd or sys.path, fails.
 
 Every test is checked for
 
@@ -6,10 +7,12 @@ Every test is checked for
 * orphans: processes started during the test, no longer our descendants (an
   inner ``pytester.runpytest_subprocess`` run that exited and left its worker
   behind), recognised by a token this session puts in the environment;
-* file descriptors it opened and did not close (POSIX only).
+* file descriptors it opened and did not close (POSIX only);
+* os.environ, the cwd and sys.path left other than it found them.
 
-A leaked process is killed and reaped before the test is failed, so one leak
-does not cascade into failures of the tests that follow.
+A leaked process is killed and reaped before the test is failed, and a changed
+environment, cwd or sys.path put back, so one leak does not cascade into
+failures of the tests that follow.
 
 The machine may be shared: only a process proved ours is ever signalled. It is
 held first (on Linux by a pidfd, which names the process, not its pid), then
@@ -32,7 +35,7 @@ from collections.abc import Iterator, Sequence
 
 import psutil
 import pytest
-from _inner import no_plugin_autoload, pidlog  # noqa: F401 - fixtures of the acceptance tests
+from _inner import ProcessState, no_plugin_autoload, pidlog  # noqa: F401 - fixtures for the tests
 
 # Exiting children get this long to be reaped before they count as leaked.
 CHILD_GRACE = 2.0
@@ -53,6 +56,32 @@ _PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
 def pytest_configure(config: pytest.Config) -> None:
     # For our descendants to inherit.
     os.environ[TOKEN_VAR] = TOKEN
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        _set_up_state_check_first(item)
+
+
+def _set_up_state_check_first(item: pytest.Item) -> None:
+    """Make ``_state_kept`` the test's first function-scoped fixture.
+
+    Set up first, it is torn down last: after every other fixture of the test
+    (monkeypatch and pytester included) has put back what it changed. It comes
+    after the fixtures of wider scope, which it must not count as the test's.
+    """
+    info = getattr(item, "_fixtureinfo", None)
+    names = getattr(info, "names_closure", None)
+    if names is None or "_state_kept" not in names:
+        return
+    names.remove("_state_kept")
+    defs = info.name2fixturedefs
+
+    def wider(name: str) -> bool:
+        return bool(defs.get(name)) and defs[name][-1].scope != "function"
+
+    first = next((i for i, name in enumerate(names) if not wider(name)), len(names))
+    names.insert(first, "_state_kept")
 
 
 def _is_ours(proc: psutil.Process, anchors: Sequence[int] = ()) -> bool:
@@ -325,3 +354,18 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         leaked = _check_fds(fds_before)
         if leaked:
             pytest.fail("test leaked file descriptors:\n  " + "\n  ".join(leaked))
+
+
+@pytest.fixture(autouse=True)
+def _state_kept() -> Iterator[None]:
+    """Fail the test if it leaves os.environ, the cwd or sys.path changed.
+
+    What changed is put back first. This is set up first among the test's
+    function-scoped fixtures (see ``_set_up_state_check_first``), so that the
+    check runs once all of them are torn down.
+    """
+    before = ProcessState()
+    yield
+    changed = before.restore()
+    if changed:
+        pytest.fail("test left this process changed (now put back):\n  " + "\n  ".join(changed))

@@ -1,7 +1,11 @@
-"""The suite's process leak guard (conftest.py): it ends what a test leaked, and nothing else.
+"""The suite's guards (conftest.py).
 
-A stranger's process here is a ``sleep`` orphaned through a shell that exits:
+The process leak guard ends what a test leaked, and nothing else. A
+stranger's process here is a ``sleep`` orphaned through a shell that exits:
 outside this process's tree, and started without the session's token.
+
+The state check fails a test that leaves os.environ, the cwd or sys.path
+changed, and puts them back for the tests after it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import _inner
 import conftest
 import psutil
 import pytest
@@ -213,3 +219,74 @@ def test_the_guard_kills_and_reports_an_orphan_with_our_token(
             report = conftest._check_processes(request.node, existing)
         assert report == [f"pid {orphan.pid}: sleep {SLEEP}"]
         assert orphan.wait(5)
+
+
+STATE_TESTS = """
+import os
+import sys
+
+import pytest
+
+START = os.getcwd()
+
+
+def test_sets_a_variable():
+    os.environ["LEFT_BEHIND"] = "1"
+
+
+def test_after_it_the_variable_is_gone():
+    assert "LEFT_BEHIND" not in os.environ
+
+
+def test_moves_the_cwd(tmp_path):
+    os.chdir(tmp_path)
+
+
+def test_after_it_the_cwd_is_back():
+    assert os.getcwd() == START
+
+
+def test_adds_to_sys_path():
+    sys.path.append("elsewhere")
+
+
+def test_after_it_sys_path_is_back():
+    assert "elsewhere" not in sys.path
+
+
+def test_changes_put_back_by_monkeypatch_pass(monkeypatch, tmp_path):
+    monkeypatch.setenv("SET_FOR_A_WHILE", "1")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+@pytest.fixture
+def moved(tmp_path):
+    os.chdir(tmp_path)
+    yield
+    os.chdir(START)
+
+
+def test_changes_put_back_by_a_fixture_pass(moved):
+    pass
+"""
+
+
+@pytest.mark.usefixtures("no_plugin_autoload")
+def test_a_test_that_leaves_the_process_changed_fails_and_the_next_is_unharmed(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest(Path(conftest.__file__).read_text())
+    pytester.makepyfile(_inner=Path(_inner.__file__).read_text(), test_state=STATE_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly")
+    result.assert_outcomes(passed=8, errors=3)
+    result.stdout.fnmatch_lines_random(
+        [
+            "*ERROR at teardown of test_sets_a_variable*",
+            "*set $LEFT_BEHIND",
+            "*ERROR at teardown of test_moves_the_cwd*",
+            "*moved the cwd from*",
+            "*ERROR at teardown of test_adds_to_sys_path*",
+            "*changed sys.path: added ?'elsewhere'?, removed ??",
+        ]
+    )

@@ -14,6 +14,12 @@ MARKER = "subprocess"
 SCOPES = ("session", "module", "function")
 DEFAULT_SCOPE = "module"
 
+# The longest timeout kept as a limit, in seconds (about 23 days). Waits are
+# bounded by poll()'s milliseconds in a C int (24.8 days), and by the clocks
+# of faulthandler and time_t further on; a longer timeout can fire in no
+# test run, so it is taken to mean none rather than fail in any of them.
+MAX_TIMEOUT = 2_000_000.0
+
 # Help texts shared by the command line options and the ini keys.
 ALL_HELP = "Run every Python test function in a subprocess worker."
 SCOPE_HELP = (
@@ -23,7 +29,10 @@ START_HELP = (
     "How workers start: 'fork' them from a template process that has imported pytest "
     "(default where the platform allows) or 'spawn' a fresh interpreter for each."
 )
-TIMEOUT_HELP = "Timeout in seconds for one test body run in a subprocess worker (default: none)."
+TIMEOUT_HELP = (
+    "Timeout in seconds for one test body run in a subprocess worker "
+    f"(default: none; over {MAX_TIMEOUT:.0f}, about 23 days, counts as none)."
+)
 MARKER_HELP = (
     "subprocess(scope='module', timeout=None): run the test body in a warm subprocess "
     "worker whose life follows the given pytest scope; fail it after timeout seconds."
@@ -52,18 +61,30 @@ def parse_timeout(value: object, origin: str) -> Optional[float]:
     """Return a timeout in seconds (None for none) or raise a UsageError naming ``origin``."""
     if value is None or value == "":
         return None
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        seconds = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        seconds = math.nan
+    seconds = _seconds(value)
     if math.isnan(seconds) or seconds <= 0:
         raise pytest.UsageError(
             f"Invalid subprocess timeout {value!r} from {origin}; "
             "expected a positive number of seconds"
         )
-    return None if math.isinf(seconds) else seconds
+    return usable_timeout(seconds)
+
+
+def _seconds(value: object) -> float:
+    """value as a float, NaN where it is no number, infinite where it is too big for one."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+    except OverflowError:  # an int beyond any float
+        return math.inf if value > 0 else -math.inf  # type: ignore[operator]
+
+
+def usable_timeout(seconds: float) -> Optional[float]:
+    """Return a positive timeout (int or float) as it can be waited for: None beyond MAX_TIMEOUT."""
+    return None if seconds > MAX_TIMEOUT else float(seconds)
 
 
 def default_start() -> str:

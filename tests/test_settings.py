@@ -21,6 +21,8 @@ import pytest
 from _inner import PARENT_CONFTEST, PLUGIN, assert_gone, read_pids
 from _inner import run_inner as run
 
+from pytest_subproc import _settings
+
 pytestmark = pytest.mark.usefixtures("no_plugin_autoload")
 
 
@@ -269,6 +271,64 @@ def test_command_line_subprocess_flag_isolates_unmarked_tests(
 
 
 # --------------------------------------------------------------------------
+# Timeouts too long to wait for
+# --------------------------------------------------------------------------
+
+LONG_TIMEOUTS = """
+import time
+import pytest
+
+@pytest.mark.subprocess(timeout=2_000_000)  # the longest kept as a limit
+def test_longest_timeout():
+    time.sleep(0.2)
+
+@pytest.mark.subprocess(timeout=1e7)
+def test_months():
+    time.sleep(0.2)
+
+@pytest.mark.subprocess(timeout=1e300)
+def test_float_beyond_any_clock():
+    time.sleep(0.2)
+
+@pytest.mark.subprocess(timeout=10**400)
+def test_int_beyond_any_float():
+    time.sleep(0.2)
+
+@pytest.mark.subprocess(timeout=float("inf"))
+def test_infinite():
+    time.sleep(0.2)
+
+@pytest.mark.subprocess
+def test_from_the_command_line():
+    time.sleep(0.2)
+"""
+
+
+def test_timeouts_too_long_to_wait_for_mean_none(pytester: pytest.Pytester) -> None:
+    """Waits are bounded by poll()'s int milliseconds and faulthandler's clock: never overflow."""
+    pytester.makepyfile(test_long=LONG_TIMEOUTS)
+    result = run(pytester, "--subprocess-timeout=1e300")
+    result.assert_outcomes(passed=6)
+    assert "OverflowError" not in result.stdout.str() + result.stderr.str()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (2_000_000, 2_000_000.0),
+        ("2000000", 2_000_000.0),
+        (2_000_001, None),
+        ("1e7", None),
+        (1e300, None),
+        (10**400, None),
+        (float("inf"), None),
+    ],
+)
+def test_timeouts_past_the_maximum_parse_as_none(value: object, expected: object) -> None:
+    assert _settings.parse_timeout(value, "a test") == expected
+
+
+# --------------------------------------------------------------------------
 # Bad values: usage errors naming where they came from
 # --------------------------------------------------------------------------
 
@@ -288,6 +348,8 @@ BAD_MARKERS = {
     "non-numeric-timeout": ('subprocess(timeout="soon")', "'soon'"),
     "nan-timeout": ('subprocess(timeout=float("nan"))', "nan"),
     "bool-timeout": ("subprocess(timeout=True)", "True"),
+    "huge-negative-timeout": ("subprocess(timeout=-(10**400))", "-1000"),
+    "minus-infinity-timeout": ('subprocess(timeout=float("-inf"))', "-inf"),
     "positional": ('subprocess("function")', "keyword"),
     "unknown-kwarg": ('subprocess(scop="function")', "scop"),
 }

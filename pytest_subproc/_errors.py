@@ -15,6 +15,7 @@ before anything else and must stay light.
 
 from __future__ import annotations
 
+import copyreg
 import dis
 import functools
 import io
@@ -160,14 +161,80 @@ def _pickled(exc: BaseException) -> bytes | None:
     BaseException.__reduce__ carries __dict__, so attributes such as filename,
     errno, __notes__ or pytest's outcome fields travel with the instance.
     """
+    data = _round_trip(exc)
+    if data is None:
+        for reduction in _rebuilds(exc):
+            data = _round_trip(exc, reduction)
+            if data is not None:
+                break
+    return data
+
+
+def _round_trip(exc: BaseException, reduction: tuple[Any, ...] | None = None) -> bytes | None:
+    """exc pickled (as ``reduction`` says, if given) if it comes back as the same type.
+
+    A rebuilt exception must also read the same: a dropped attribute could
+    have been what its message was made of.
+    """
     try:
         buffer = io.BytesIO()
-        _Pickler(buffer, protocol=_PROTOCOL).dump(exc)
+        _Pickler(buffer, protocol=_PROTOCOL, rebuilt=(exc, reduction)).dump(exc)
         data = buffer.getvalue()
         # The parent could do no better than this round trip: ship only a success.
-        return data if type(pickle.loads(data)) is type(exc) else None
+        back = pickle.loads(data)
+        if type(back) is not type(exc):
+            return None
+        if reduction is not None and _safe_str(back) != _safe_str(exc):
+            return None
+        return data
     except BaseException:
         return None
+
+
+def _rebuilds(exc: BaseException) -> list[tuple[Any, ...]]:
+    """Other ways to rebuild exc from the parts of its own reduction, best first.
+
+    BaseException pickles as its class called with its args, then its
+    __dict__ set: that fails for an attribute that does not pickle (a lock),
+    and for an ``__init__`` that does not take the exception's own args
+    (``def __init__(self): super().__init__("fixed message")``). Without
+    such attributes, and then without calling ``__init__`` at all (as
+    ``copyreg.__newobj__`` makes pickle do), it may still come back whole.
+    Only the default shape is reworked: a class with a reduction of its own
+    said how it wants to be rebuilt.
+    """
+    try:
+        reduced = exc.__reduce_ex__(_PROTOCOL)
+        cls = type(exc)
+        if not (
+            type(reduced) is tuple
+            and len(reduced) in (2, 3)
+            and reduced[0] is cls
+            and type(reduced[1]) is tuple
+        ):
+            return []
+        args, state = reduced[1], reduced[2] if len(reduced) == 3 else None
+        if state is not None and type(state) is not dict:
+            return []
+        kept = {name: value for name, value in (state or {}).items() if _picklable(value)}
+        rebuilds: list[tuple[Any, ...]] = [(_NEW_OBJECT, (cls, *args), kept or None)]
+        if kept != (state or {}):
+            rebuilds.insert(0, (cls, args, kept or None))
+        return rebuilds
+    except BaseException:
+        return []
+
+
+# Pickle rebuilds an object reduced to this as ``cls.__new__(cls, *args)``.
+_NEW_OBJECT = copyreg.__newobj__  # type: ignore[attr-defined]
+
+
+def _picklable(value: object) -> bool:
+    try:
+        _Pickler(io.BytesIO(), protocol=_PROTOCOL).dump(value)
+        return True
+    except BaseException:
+        return False
 
 
 class _Pickler(pickle.Pickler):
@@ -175,10 +242,22 @@ class _Pickler(pickle.Pickler):
 
     pytest's ``Skipped`` and ``Failed`` claim to live in ``builtins`` (for
     shorter reports), so pickle cannot find them by name; such a class is
-    pickled as a lookup in a module that does hold it.
+    pickled as a lookup in a module that does hold it. ``rebuilt`` is an
+    object and the reduction to pickle it by, in place of its own.
     """
 
+    def __init__(
+        self,
+        file: io.BytesIO,
+        protocol: int,
+        rebuilt: tuple[object, tuple[Any, ...] | None] = (None, None),
+    ) -> None:
+        super().__init__(file, protocol=protocol)
+        self._rebuilt, self._reduction = rebuilt
+
     def reducer_override(self, obj: Any) -> Any:
+        if self._reduction is not None and obj is self._rebuilt:
+            return self._reduction
         if isinstance(obj, type) and not _found_at(obj, *_type_names(obj)):
             home = _home_of(obj)
             if home is not None:

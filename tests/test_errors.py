@@ -416,12 +416,12 @@ def test_failing_args_are_reported() -> None:
         (lambda: BadReduce("x"), f"{__name__}.BadReduce", "'x'"),
         (lambda: ValueError(lambda: 1), "builtins.ValueError", "<function"),
         (lambda: ValueError(threading.Lock()), "builtins.ValueError", "lock"),
-        (lambda: NeedsKeyword("needs a code", code=5), f"{__name__}.NeedsKeyword", "needs a code"),
         (lambda: Shapeshifter("x"), f"{__name__}.Shapeshifter", "'x'"),
         (lambda: BadSetstate("x"), f"{__name__}.BadSetstate", "'x'"),
-        (with_unpicklable_attribute, "builtins.ValueError", "holds a lock"),
+        (lambda: LockInMessage(threading.Lock()), f"{__name__}.LockInMessage", "()"),
+        (lambda: OwnErrno("/gone"), f"{__name__}.OwnErrno", "'gone'"),
     ],
-    ids=["reduce", "lambda", "lock", "keyword", "shape", "setstate", "dict"],
+    ids=["reduce", "lambda", "lock", "shape", "setstate", "message-needs-it", "errno-by-init"],
 )
 def test_what_does_not_round_trip_becomes_unserializable(
     make: Callable[[], BaseException], type_name: str, in_args: str
@@ -432,6 +432,86 @@ def test_what_does_not_round_trip_becomes_unserializable(
     assert type(revived) is UnserializableException
     assert revived.type_name == type_name
     assert in_args in revived.args_repr
+
+
+# --- what revives without all of its parts ---------------------------------------
+
+
+def test_unpicklable_attributes_are_dropped_and_the_type_kept() -> None:
+    exc = with_unpicklable_attribute()
+    exc.detail = "kept"  # type: ignore[attr-defined]
+    revived = round_trip(raised(lambda: raise_it(exc)))
+    assert type(revived) is ValueError
+    assert revived.args == ("holds a lock",)
+    assert vars(revived) == {"detail": "kept"}
+    assert isinstance(revived.__cause__, ChildTraceException)
+
+
+def test_outcome_with_an_unpicklable_attribute_keeps_its_fields() -> None:
+    exc = raised(lambda: pytest.fail("quiet", pytrace=False))
+    exc.lock = threading.Lock()  # type: ignore[attr-defined]
+    revived = round_trip(exc)
+    assert type(revived) is pytest.fail.Exception
+    assert revived.pytrace is False  # type: ignore[attr-defined]
+    assert not hasattr(revived, "lock")
+
+
+class FrozenError(AttributeError):
+    """The shape of attrs' FrozenAttributeError: __init__ does not take its own args."""
+
+    def __init__(self) -> None:
+        super().__init__("can't set attribute")
+        self.calls = getattr(self, "calls", 0) + 1
+
+
+def test_an_init_that_does_not_take_its_args_revives_without_being_called() -> None:
+    revived = round_trip(raised(lambda: raise_it(FrozenError())))
+    assert type(revived) is FrozenError
+    assert revived.args == ("can't set attribute",)
+    assert str(revived) == "can't set attribute"
+    assert revived.calls == 1  # type: ignore[attr-defined]
+
+
+def test_a_required_keyword_revives_from_the_attributes() -> None:
+    revived = round_trip(raised(lambda: raise_it(NeedsKeyword("needs a code", code=5))))
+    assert type(revived) is NeedsKeyword
+    assert (revived.args, revived.code) == (("needs a code",), 5)  # type: ignore[attr-defined]
+
+
+def test_no_argument_init_and_unpicklable_attribute_together() -> None:
+    exc = FrozenError()
+    exc.lock = threading.Lock()  # type: ignore[attr-defined]
+    revived = round_trip(raised(lambda: raise_it(exc)))
+    assert type(revived) is FrozenError
+    assert vars(revived) == {"calls": 1}
+
+
+class LockInMessage(Exception):
+    """Its message is made of the attribute that cannot travel."""
+
+    def __init__(self, lock: Any) -> None:
+        super().__init__()
+        self.lock = lock
+
+    def __str__(self) -> str:
+        return f"held: {self.lock.locked()}"
+
+
+class OwnErrno(FileNotFoundError):
+    """Its errno is set by an __init__ that does not take its own args."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(errno.ENOENT, "gone", path)
+
+
+def test_a_rebuilt_exception_must_read_the_same() -> None:
+    # Without the lock, or without __init__ (whose args set errno), str()
+    # would change: the stand-in keeps the message instead.
+    for exc in (LockInMessage(threading.Lock()), OwnErrno("/gone")):
+        assert record(exc)["pickled"] is None
+        revived = load_exception(dump_exception(exc))
+        assert type(revived) is UnserializableException
+        assert revived.message == str(exc)
 
 
 def test_cause_cycle_is_serialized() -> None:

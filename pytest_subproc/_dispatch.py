@@ -22,6 +22,8 @@ from pytest_subproc._template import Template
 from pytest_subproc._wire import Kind
 
 SETTINGS = pytest.StashKey[Settings]()
+# The warning due at setup for a marked test that runs in the pytest process.
+UNSHIPPED = pytest.StashKey[SubprocessWarning]()
 # How many workers to fork ahead: a module lasts long enough for one to be
 # ready in time; a test often does not, and a fork takes a few milliseconds.
 _AHEAD = {"module": 1, "function": 2}
@@ -80,12 +82,12 @@ class Runtime:
         if settings.isolated and not isolated:
             settings = Settings(isolated=False, scope=settings.scope, timeout=settings.timeout)
             if not by_hand and item.get_closest_marker(MARKER) is not None:
-                item.warn(
-                    SubprocessWarning(
-                        f"{item.nodeid} is marked subprocess, but pytest_subproc cannot "
-                        "ship it (unittest, async or non-Python test): it runs in the "
-                        "pytest process"
-                    )
+                # Warned at the test's setup, not here: under `-W error` a
+                # warning at collection aborts the whole run.
+                item.stash[UNSHIPPED] = SubprocessWarning(
+                    f"{item.nodeid} is marked subprocess, but pytest_subproc cannot "
+                    "ship it (unittest, async or non-Python test): it runs in the "
+                    "pytest process"
                 )
         item.stash[SETTINGS] = settings
         if isolated:

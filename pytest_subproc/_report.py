@@ -79,6 +79,20 @@ def stack_traceback(stack: str, item: pytest.Function) -> Optional[types.Traceba
     return _errors.traceback_from([(path, first, name, first)])
 
 
+def traceback_at_test(item: pytest.Item) -> Optional[types.TracebackType]:
+    """Return a traceback at the test function itself, for an error of no line of its own.
+
+    pytest's report then starts at the test, as it would for any failure,
+    instead of showing the plugin's frames.
+    """
+    try:
+        code = inspect.unwrap(item.obj).__code__  # type: ignore[attr-defined]
+    except Exception:  # not a Python function
+        return None
+    first = code.co_firstlineno
+    return _errors.traceback_from([(code.co_filename, first, code.co_name, first)])
+
+
 def has_worker_frames(exc: BaseException) -> bool:
     """Whether exc's traceback runs through frames rebuilt from the worker's."""
     tb = exc.__traceback__

@@ -71,6 +71,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    if _dispatch.UNSHIPPED in item.stash:
+        _warn_unshipped(item, item.stash[_dispatch.UNSHIPPED])
     result = yield
     if _is_isolated(item):
         assert isinstance(item, pytest.Function)
@@ -109,6 +111,15 @@ def pytest_runtest_makereport(
     finally:
         if isinstance(cause, ChildTraceException):
             exc.__cause__ = cause  # type: ignore[union-attr]
+
+
+def _warn_unshipped(item: pytest.Item, warning: Warning) -> None:
+    """Warn that a marked test runs here; where the filters make that an error, it is the test's."""
+    __tracebackhide__ = True
+    try:
+        item.warn(warning)
+    except Warning as exc:
+        raise exc.with_traceback(_report.traceback_at_test(item)) from None
 
 
 def _is_isolated(item: pytest.Item) -> bool:

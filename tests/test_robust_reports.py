@@ -12,10 +12,83 @@ the other installed plugins only slow the runs down.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from _inner import run_inner as run
 
 pytestmark = pytest.mark.usefixtures("no_plugin_autoload")
+
+
+def section(result: pytest.RunResult, start: str) -> str:
+    """The stdout lines from the first one containing ``start`` up to the next section."""
+    lines = result.stdout.lines
+    first = next(i for i, line in enumerate(lines) if start in line)
+    last = next((i for i in range(first + 1, len(lines)) if lines[i].startswith("_")), len(lines))
+    return "\n".join(lines[first:last])
+
+
+# --------------------------------------------------------------------------
+# The plugin's warnings, made errors by the warning filters
+# --------------------------------------------------------------------------
+
+UNSHIPPABLE = """
+import unittest
+
+import pytest
+
+
+@pytest.mark.subprocess
+class TestCase(unittest.TestCase):
+    def test_method(self):
+        pass
+
+
+@pytest.mark.subprocess
+async def test_coroutine():
+    pass
+
+
+def test_plain():
+    pass
+
+
+@pytest.mark.subprocess
+def test_marked():
+    pass
+"""
+
+
+@pytest.mark.parametrize("how", ["-W", "ini"])
+def test_warning_that_a_marked_test_cannot_be_shipped_is_that_test_s_error(
+    pytester: pytest.Pytester, how: str
+) -> None:
+    pytester.makepyfile(test_unshippable=UNSHIPPABLE)
+    if how == "ini":
+        pytester.makeini("[pytest]\nfilterwarnings = error\n")
+    result = run(pytester, "--tb=short", *(["-W", "error"] if how == "-W" else []))
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    result.assert_outcomes(passed=2, errors=2)
+    for name in ("TestCase.test_method", "test_coroutine"):
+        error = section(result, f"ERROR at setup of {name}")
+        assert "SubprocessWarning" in error
+        assert "cannot ship it" in error
+        assert f"pytest_subproc{os.sep}" not in error
+
+
+def test_warning_that_a_marked_test_cannot_be_shipped_names_the_test(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_unshippable=UNSHIPPABLE)
+    result = run(pytester, "-k", "TestCase or plain or marked")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*warnings summary*",
+            "test_unshippable.py::TestCase::test_method",
+            "*SubprocessWarning: *TestCase::test_method is marked subprocess*",
+        ]
+    )
 
 
 # --------------------------------------------------------------------------

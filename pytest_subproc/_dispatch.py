@@ -176,15 +176,24 @@ class Runtime:
         """Fail at setup, naming the fixture, if the worker cannot rebuild a value.
 
         A value is checked once per worker: module and session fixtures pass
-        the same bytes to every test.
+        the same bytes to every test. Rebuilding one runs the user's code, so
+        it has the test's timeout, and a crash or a timeout there is the
+        test's error at setup.
         """
+        __tracebackhide__ = True
         worker, spec = _worker_of(item), item.stash[SPEC]
         new = {n: v for n, v in spec.values.items() if (n, hash(v)) not in worker.checked}
         if not new:
             return
         call: tuple[Any, ...] = (_runbody.unsendable, (new,), {})
         worker.start()
-        failed = worker.request(Kind.CALL, call, context=_call_context(worker)).unwrap()
+        timeout = item.stash[SETTINGS].timeout
+        reply = worker.request(Kind.CALL, call, timeout=timeout, context=_call_context(worker))
+        relay_output(reply)
+        if isinstance(reply.error, (WorkerCrashed, WorkerTimeout)):
+            names = ", ".join(map(repr, new))
+            self._casualty(item, reply.error, f"at setup, rebuilding fixture {names}")
+        failed = reply.unwrap()
         for name, why in failed.items():
             unsendable(item, name, f"cannot be rebuilt in the subprocess worker: {why}")
         worker.checked.update((n, hash(v)) for n, v in new.items())
@@ -203,9 +212,7 @@ class Runtime:
         reply = worker.request(Kind.CALL, call, timeout=settings.timeout, context=context)
         relay_output(reply)
         if isinstance(reply.error, (WorkerCrashed, WorkerTimeout)):
-            self.casualties.append((item.nodeid, str(reply.error).partition("\n")[0]))
-            # Point the report at the line the worker was on, as for any failure.
-            reply.error.__traceback__ = stack_traceback(reply.error.stack, item)
+            self._casualty(item, reply.error)
         result: Optional[_runbody.BodyResult] = reply.unwrap()
         if result is None:
             return  # passed, nothing to report
@@ -214,6 +221,16 @@ class Runtime:
             warn_return(item, result.returned)
         if result.error is not None:
             raise _errors.load_exception(result.error)
+
+    def _casualty(
+        self, item: pytest.Function, error: WorkerCrashed | WorkerTimeout, when: str = ""
+    ) -> None:
+        """List a test whose worker died, and point its report at the line the worker was on."""
+        if when:
+            first, newline, rest = str(error).partition("\n")
+            error.args = (f"{first} ({when}){newline}{rest}", *error.args[1:])
+        self.casualties.append((item.nodeid, str(error).partition("\n")[0]))
+        error.__traceback__ = stack_traceback(error.stack, item)
 
 
 def _module_path(node: pytest.Item | pytest.Collector) -> str:

@@ -13,8 +13,11 @@ the other installed plugins only slow the runs down.
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import pytest
+from _inner import read_pids
 from _inner import run_inner as run
 
 pytestmark = pytest.mark.usefixtures("no_plugin_autoload")
@@ -26,6 +29,83 @@ def section(result: pytest.RunResult, start: str) -> str:
     first = next(i for i, line in enumerate(lines) if start in line)
     last = next((i for i in range(first + 1, len(lines)) if lines[i].startswith("_")), len(lines))
     return "\n".join(lines[first:last])
+
+
+# --------------------------------------------------------------------------
+# Fixture values that the worker cannot rebuild in time, or at all
+# --------------------------------------------------------------------------
+
+REBUILDING = """
+import os
+import time
+
+import pytest
+from pidlog import log
+
+
+class Sleeps:
+    def __reduce__(self):
+        return (time.sleep, (1000,))
+
+
+class Exits:
+    def __reduce__(self):
+        return (os._exit, (3,))
+
+
+@pytest.fixture
+def sleeps():
+    return Sleeps()
+
+
+@pytest.fixture
+def exits():
+    return Exits()
+
+
+@pytest.mark.subprocess(timeout=2)
+def test_rebuilding_hangs(sleeps):
+    log("hangs")
+
+
+@pytest.mark.subprocess
+def test_rebuilding_crashes(exits):
+    log("crashes")
+
+
+@pytest.mark.subprocess
+def test_after():
+    log("after")
+"""
+
+
+def test_fixture_value_whose_rebuilding_hangs_or_crashes_is_a_setup_error(
+    pytester: pytest.Pytester, pidlog: Path
+) -> None:
+    pytester.makepyfile(test_rebuilding=REBUILDING)
+    started = time.monotonic()
+    result = run(pytester, "--tb=short", timeout=60)
+    # Bounded by the test's 2 s timeout, not by the value's 1000 s.
+    assert time.monotonic() - started < 30
+    result.assert_outcomes(passed=1, errors=2)
+    assert read_pids(pidlog).keys() == {"after"}  # neither body ran
+    hang = section(result, "ERROR at setup of test_rebuilding_hangs")
+    assert "WorkerTimeout: worker timed out after 2.0 s" in hang
+    assert "(at setup, rebuilding fixture 'sleeps')" in hang
+    crash = section(result, "ERROR at setup of test_rebuilding_crashes")
+    assert "WorkerCrashed: worker crashed: exit code 3" in crash
+    assert "(at setup, rebuilding fixture 'exits')" in crash
+    for text in (hang, crash):
+        assert f"pytest_subproc{os.sep}" not in text
+    result.stdout.fnmatch_lines(
+        [
+            "*- subprocess workers -*",
+            "test_rebuilding.py::test_rebuilding_hangs: worker timed out after 2.0 s *"
+            "(at setup, rebuilding fixture 'sleeps')",
+            "test_rebuilding.py::test_rebuilding_crashes: worker crashed: exit code 3 *"
+            "(at setup, rebuilding fixture 'exits')",
+        ]
+    )
 
 
 # --------------------------------------------------------------------------

@@ -38,7 +38,22 @@ Received = Union[bytes, bytearray]
 AWAKE = 1e-3
 # A gap this long between two polls of a spin means the CPU is shared.
 _SHARED = 30e-6
-_clock = time.perf_counter  # taken at import: tests that mock time cannot stall a spin
+
+# Every function the framing calls is taken at import: a test body that
+# replaces one (os.write, select.poll, time.monotonic) and leaves it behind
+# breaks only itself, not the requests of the tests after it in its worker.
+_clock = time.perf_counter
+_monotonic = time.monotonic
+_write = os.write
+_read = os.read
+_poll = getattr(select, "poll", None)
+_POLLIN = getattr(select, "POLLIN", 0)
+_POLLOUT = getattr(select, "POLLOUT", 0)
+_select = select.select
+_sched_yield = getattr(os, "sched_yield", None)
+_crc32 = zlib.crc32
+_BytesIO = io.BytesIO
+_CHECKED = struct.Struct("<BQ")  # what the check value covers: kind and length
 
 
 class WireError(Exception):
@@ -75,7 +90,7 @@ def make_pipe() -> tuple[int, int]:
 
 
 def _check(kind: int, length: int) -> int:
-    return zlib.crc32(struct.pack("<BQ", kind, length))
+    return _crc32(_CHECKED.pack(kind, length))
 
 
 def encode_header(kind: int, length: int) -> bytes:
@@ -94,7 +109,7 @@ def decode_header(header: Buffer) -> tuple[int, int]:
 def _remaining(deadline: Optional[float]) -> Optional[float]:
     if deadline is None:
         return None
-    left = deadline - time.monotonic()
+    left = deadline - _monotonic()
     if left <= 0:
         raise WireTimeout("deadline passed")
     return left
@@ -103,13 +118,13 @@ def _remaining(deadline: Optional[float]) -> Optional[float]:
 def _wait(fd: int, deadline: Optional[float], *, write: bool) -> None:
     """Block until ``fd`` is ready (only reached for non-blocking fds)."""
     timeout = _remaining(deadline)
-    if hasattr(select, "poll"):  # select() rejects fds >= FD_SETSIZE (1024)
-        poller = select.poll()
-        poller.register(fd, select.POLLOUT if write else select.POLLIN)
+    if _poll is not None:  # select() rejects fds >= FD_SETSIZE (1024)
+        poller = _poll()
+        poller.register(fd, _POLLOUT if write else _POLLIN)
         ready = bool(poller.poll(None if timeout is None else timeout * 1000))
     else:  # pragma: no cover - platforms without poll
         rlist, wlist = ([], [fd]) if write else ([fd], [])
-        ready = any(select.select(rlist, wlist, [], timeout))
+        ready = any(_select(rlist, wlist, [], timeout))
     if not ready:
         raise WireTimeout("deadline passed")
 
@@ -123,10 +138,10 @@ def await_readable(fd: int, spin: float) -> None:
     Returns when ``fd`` is readable (or at end-of-file), when the time is up,
     or once the CPU proves shared; the reading is left to the caller.
     """
-    if not (hasattr(select, "poll") and hasattr(os, "sched_yield")):  # pragma: no cover
+    if _poll is None or _sched_yield is None:  # pragma: no cover
         return
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
+    poller = _poll()
+    poller.register(fd, _POLLIN)
     last = _clock()
     end = last + spin
     while not poller.poll(0):
@@ -136,7 +151,7 @@ def await_readable(fd: int, spin: float) -> None:
             # spinning would take turns from it (the peer, maybe). Sleep instead.
             return
         last = now
-        os.sched_yield()  # a process that shares this CPU, the peer maybe, runs first
+        _sched_yield()  # a process that shares this CPU, the peer maybe, runs first
 
 
 def write_all(fd: int, data: Buffer, deadline: Optional[float] = None) -> None:
@@ -145,7 +160,7 @@ def write_all(fd: int, data: Buffer, deadline: Optional[float] = None) -> None:
     while view:
         try:
             # Most messages fit one write, taken whole rather than sliced.
-            sent = os.write(fd, view if len(view) <= _CHUNK else view[:_CHUNK])
+            sent = _write(fd, view if len(view) <= _CHUNK else view[:_CHUNK])
         except BlockingIOError:
             _wait(fd, deadline, write=True)
             continue
@@ -154,17 +169,18 @@ def write_all(fd: int, data: Buffer, deadline: Optional[float] = None) -> None:
         view = view[sent:]
 
 
-def _readv(fd: int, buf: Union[bytearray, memoryview]) -> int:
-    return os.readv(fd, [buf])
+if hasattr(os, "readv"):
+    _readv = os.readv
 
+    def _readinto(fd: int, buf: Union[bytearray, memoryview]) -> int:
+        return _readv(fd, [buf])
 
-def _read_copy(fd: int, buf: Union[bytearray, memoryview]) -> int:  # pragma: no cover
-    chunk = os.read(fd, len(buf))  # platforms without readv
-    buf[: len(chunk)] = chunk
-    return len(chunk)
+else:  # pragma: no cover - platforms without readv
 
-
-_readinto = _readv if hasattr(os, "readv") else _read_copy
+    def _readinto(fd: int, buf: Union[bytearray, memoryview]) -> int:
+        chunk = _read(fd, len(buf))
+        buf[: len(chunk)] = chunk
+        return len(chunk)
 
 
 def read_exact(fd: int, size: int, deadline: Optional[float] = None) -> bytearray:
@@ -196,7 +212,7 @@ def read_bytes(fd: int, size: int, deadline: Optional[float] = None) -> bytes:
     """
     if size == 0:
         return b""
-    stream = io.BytesIO()
+    stream = _BytesIO()
     stream.seek(size - 1)
     stream.write(b"\0")
     with stream.getbuffer() as view:

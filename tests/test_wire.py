@@ -10,8 +10,10 @@ and writes have no timeout, 4 end-of-file reported as a corrupt check.
 from __future__ import annotations
 
 import array
+import io
 import os
 import resource
+import select
 import signal
 import struct
 import subprocess
@@ -19,6 +21,7 @@ import sys
 import textwrap
 import threading
 import time
+import zlib
 from typing import Any, Callable
 
 import pytest
@@ -444,7 +447,7 @@ def test_nonblocking_writer_with_slow_reader(pipe: Pipe, monkeypatch: pytest.Mon
             short_writes.append((n, len(data)))
         return n
 
-    monkeypatch.setattr(os, "write", spy_write)
+    monkeypatch.setattr(_wire, "_write", spy_write)
     messages = [(i, pattern(n, seed=i)) for i, n in enumerate([3 * MIB + 1, 5, 2 * MIB, 0, 70000])]
     writer = Worker(send_all, pipe.w, messages, pipe.close_w)
     time.sleep(0.1)  # let the writer fill the pipe before anyone reads
@@ -475,7 +478,7 @@ def test_os_write_moving_a_few_bytes_per_call(
         calls.append(len(data))
         return real_write(fd, memoryview(data)[:max_bytes])
 
-    monkeypatch.setattr(os, "write", stingy_write)
+    monkeypatch.setattr(_wire, "_write", stingy_write)
     messages = [(i, pattern(n, seed=i)) for i, n in enumerate([0, 1, 2, 15, 16, 100, 5000])]
     if max_bytes > 1:
         messages.append((99, pattern(64 * KIB + 3)))  # the header-and-payload-apart path
@@ -502,7 +505,7 @@ def test_os_write_alternating_eagain_and_short_writes(
             raise BlockingIOError(11, "Resource temporarily unavailable")
         return real_write(fd, memoryview(data)[:5])
 
-    monkeypatch.setattr(os, "write", flaky_write)
+    monkeypatch.setattr(_wire, "_write", flaky_write)
     messages = [(i, pattern(n, seed=i)) for i, n in enumerate([0, 4, 40, 400, 4000])]
     writer = Worker(send_all, pipe.w, messages, pipe.close_w)
     got = recv_until_closed(pipe.r)
@@ -1106,3 +1109,37 @@ def test_end_of_file_inside_a_large_part_is_truncation(pipe: Pipe) -> None:
     pipe.close_w()
     with pytest.raises(WireTruncated):
         _wire.recv_parts(pipe.r)
+
+
+# --- what a test body leaves behind
+
+
+def _replaced(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("the framing called a function a test had replaced")
+
+
+def _await_and_recv_parts(fd: int, deadline: float) -> tuple[int, list[_wire.Received]]:
+    _wire.await_readable(fd, _wire.AWAKE)
+    return _wire.recv_parts(fd, deadline)
+
+
+def test_framing_ignores_functions_replaced_after_import(
+    pipe: Pipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body that replaces os.write or select.poll and leaves it so breaks only itself."""
+    _set_nonblocking(pipe.r, pipe.w)  # so both ends wait in poll() while the pipe is full
+    deadline = time.monotonic() + JOIN_TIMEOUT
+    big = pattern(3 * MIB + 5)
+    for module, name in [
+        (os, "write"), (os, "read"), (os, "readv"), (os, "sched_yield"),
+        (select, "poll"), (select, "select"), (time, "monotonic"),
+        (zlib, "crc32"), (struct, "pack"), (io, "BytesIO"),
+    ]:  # fmt: skip
+        monkeypatch.setattr(module, name, _replaced)
+    reader = Worker(_await_and_recv_parts, pipe.r, deadline)
+    _wire.send_parts(pipe.w, 9, [b"head", bytes(big)], deadline)
+    kind, parts = reader.join()
+    monkeypatch.undo()
+    assert kind == 9
+    assert bytes(parts[0]) == b"head"
+    assert first_difference(parts[1], big) is None

@@ -16,9 +16,15 @@ from pytest_subproc._wire import Buffer, Received
 PROTOCOL = 5
 # Below this, a byte string costs less inside the stream than as a part.
 _APART = 1 << 16
+# Taken at import: a test body that patches pickle and leaves it patched
+# breaks only itself, not the requests of the tests after it in its worker.
+_CPickler = pickle.Pickler
+_CUnpickler = pickle.Unpickler
+_loads = pickle.loads
+_BytesIO = io.BytesIO
 
 
-class _Pickler(pickle.Pickler):
+class _Pickler(_CPickler):
     def __init__(self, stream: io.BytesIO, parts: list[Buffer]) -> None:
         super().__init__(stream, PROTOCOL)
         self.parts = parts
@@ -36,9 +42,9 @@ class _Pickler(pickle.Pickler):
         return None
 
 
-class _Unpickler(pickle.Unpickler):
+class _Unpickler(_CUnpickler):
     def __init__(self, parts: list[Received]) -> None:
-        super().__init__(io.BytesIO(parts[0]))
+        super().__init__(_BytesIO(parts[0]))
         self.parts = parts
         self.built: dict[int, Any] = {}
 
@@ -91,14 +97,14 @@ def dumps(obj: Any) -> list[Buffer]:
         return list(_NONE)
     small = _SmallStream()
     try:
-        pickle.Pickler(small, PROTOCOL).dump(obj)
+        _CPickler(small, PROTOCOL).dump(obj)
     except _TooLarge:
         return _dumps_apart(obj)
     return [b"".join(small.chunks)]
 
 
 def _dumps_apart(obj: Any) -> list[Buffer]:
-    stream = io.BytesIO()
+    stream = _BytesIO()
     parts: list[Buffer] = [b""]
     _Pickler(stream, parts).dump(obj)
     parts[0] = stream.getbuffer()
@@ -108,5 +114,5 @@ def _dumps_apart(obj: Any) -> list[Buffer]:
 def loads(parts: list[Received]) -> Any:
     """Rebuild the value that dumps() split into ``parts``."""
     if len(parts) == 1:  # nothing was sent apart, so no persistent ids to resolve
-        return pickle.loads(parts[0])
+        return _loads(parts[0])
     return _Unpickler(parts).load()

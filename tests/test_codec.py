@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import decimal
 import enum
+import io
+import pickle
 
 import pytest
 
@@ -79,3 +81,19 @@ def test_a_large_value_without_byte_strings_is_still_one_part() -> None:
     back, parts = round_trip(value)
     assert back == value
     assert len(parts) == 1
+
+
+def _replaced(*args: object, **kwargs: object) -> object:
+    raise AssertionError("the codec called a function a test had replaced")
+
+
+def test_the_codec_ignores_pickle_replaced_after_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body that patches pickle and leaves it so breaks only itself."""
+    small, large = {"a": [1, 2]}, {"b": bytes(1 << 17)}
+    for name in ("dumps", "loads", "dump", "load", "Pickler", "Unpickler"):
+        monkeypatch.setattr(pickle, name, _replaced)
+    monkeypatch.setattr(io, "BytesIO", _replaced)
+    (small_back, small_parts), (large_back, large_parts) = round_trip(small), round_trip(large)
+    monkeypatch.undo()
+    assert (small_back, len(small_parts)) == (small, 1)
+    assert (large_back, len(large_parts)) == (large, 2)

@@ -28,6 +28,24 @@ _COMPILED = 256
 # The parent's cwd: we start elsewhere (where this package lives) and move there.
 CWD_ENV = "PYTEST_SUBPROC_CWD"
 
+# Every function the worker's own machinery calls is taken at import: a test
+# body that replaces one (os.dup2, faulthandler.dump_traceback_later) and
+# leaves it behind breaks only itself, not the tests after it in its worker.
+_read = os.read
+_close = os.close
+_dup2 = os.dup2
+_chdir = os.chdir
+_os_getcwd = os.getcwd
+_getpid = os.getpid
+_getpgrp = getattr(os, "getpgrp", None)
+_killpg = getattr(os, "killpg", None)
+_exit = os._exit
+_dump_later = faulthandler.dump_traceback_later
+_cancel_dump_later = faulthandler.cancel_dump_traceback_later
+_suppress = contextlib.suppress
+_FileIO = io.FileIO
+_TextIOWrapper = io.TextIOWrapper
+
 
 def check_name(name: object) -> str:
     """Return ``name`` if it can name a worker variable, else raise ValueError."""
@@ -38,10 +56,10 @@ def check_name(name: object) -> str:
 
 def _die_with_group() -> None:
     """Kill our process group (us and anything we started), then exit."""
-    if hasattr(os, "killpg") and os.getpgrp() == os.getpid():
-        with contextlib.suppress(OSError):
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-    os._exit(70)
+    if _killpg is not None and _getpgrp is not None and _getpgrp() == _getpid():
+        with _suppress(OSError):
+            _killpg(_getpgrp(), signal.SIGKILL)
+    _exit(70)
 
 
 def own_group() -> None:
@@ -71,8 +89,8 @@ def watch_parent(life_fd: int) -> None:
     """
 
     def wait() -> None:
-        with contextlib.suppress(OSError):
-            while os.read(life_fd, 64):
+        with _suppress(OSError):
+            while _read(life_fd, 64):
                 pass
         _die_with_group()
 
@@ -118,7 +136,7 @@ class Mirror:
         self._apply_env(context)
         self.cwd = context.get("cwd", self.cwd)
         if self.cwd is not None and self.cwd != _getcwd():
-            os.chdir(self.cwd)
+            _chdir(self.cwd)
         self.path = context.get("path", self.path)
         if self.path is not None and sys.path != self.path:
             sys.path[:] = self.path
@@ -145,7 +163,7 @@ class Mirror:
 
 def _getcwd() -> Optional[str]:
     try:
-        return os.getcwd()
+        return _os_getcwd()
     except OSError:  # a body left us in a directory since removed
         return None
 
@@ -160,8 +178,8 @@ def applied(context: dict[str, Any]) -> Iterator[None]:
     finally:
         set_variables(_target(env))
         if cwd is not None and cwd != _getcwd():
-            with contextlib.suppress(OSError):
-                os.chdir(cwd)
+            with _suppress(OSError):
+                _chdir(cwd)
         sys.path[:] = path
 
 
@@ -174,9 +192,11 @@ class Server:
         self.fault = fault
         self.namespace: dict[str, Any] = {"__name__": "__subworker__"}
         self.mirror = Mirror()
-        # Copies of the capture fds, so a body that closes 1 or 2 cannot take
-        # output away from the requests after it.
+        # Copies of the capture fds, and streams of our own on fds 1 and 2, so
+        # a body that closes or replaces either cannot take output away from
+        # the requests after it.
         self.stdio = (os.dup(1), os.dup(2))
+        self.streams = [_own_stream(sys.__stdout__, 1), _own_stream(sys.__stderr__, 2)]
         self.handlers: dict[int, Callable[..., Any]] = {
             Kind.RUN: self.on_run,
             Kind.STORE: self.on_store,
@@ -213,7 +233,7 @@ class Server:
             try:
                 result = handler(*args)
             finally:
-                faulthandler.cancel_dump_traceback_later()
+                _cancel_dump_later()
             return Kind.OK, _codec.dumps(result)
         except BaseException as exc:
             return Kind.ERROR, [_errors.dump_exception(exc)]
@@ -222,7 +242,7 @@ class Server:
         """Flush this request's output, then send its reply."""
         # Flushing first makes the output belong to this request, not the next.
         for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
+            with _suppress(Exception):
                 stream.flush()
         _wire.send_parts(self.rep_fd, kind, parts)
 
@@ -233,22 +253,21 @@ class Server:
         while the worker still lives to name descendants that left its group.
         """
         if timeout is not None:
-            faulthandler.dump_traceback_later(timeout, exit=False, file=self.fault)
+            _dump_later(timeout, exit=False, file=self.fault)
 
     def reset_stdio(self) -> None:
-        """Point fds 1 and 2 and sys.stdout/stderr back at the capture files."""
-        os.dup2(self.stdio[0], 1)
-        os.dup2(self.stdio[1], 2)
-        for name in ("stdout", "stderr"):
-            original = getattr(sys, f"__{name}__")
-            if original is None or original.closed:
-                # Unbuffered, as `python -u` made the first one: output written
-                # just before a crash must not die in a buffer.
-                fd, errors = (1, None) if name == "stdout" else (2, "backslashreplace")
-                raw = open(fd, "wb", buffering=0, closefd=False)  # noqa: SIM115
-                original = io.TextIOWrapper(raw, errors=errors, write_through=True)
-                setattr(sys, f"__{name}__", original)
-            setattr(sys, name, original)
+        """Point fds 1 and 2, sys.stdout/stderr and their __dunder__ twins back at the captures."""
+        _dup2(self.stdio[0], 1)
+        _dup2(self.stdio[1], 2)
+        out, err = self.streams
+        if not _usable(out):
+            out = self.streams[0] = _stdio_stream(1)
+        if not _usable(err):
+            err = self.streams[1] = _stdio_stream(2)
+        sys.stdout = out
+        sys.stderr = err
+        setattr(sys, "__stdout__", out)  # noqa: B010 - typeshed calls it final
+        setattr(sys, "__stderr__", err)  # noqa: B010
 
     def on_run(self, source: str, filename: str) -> None:
         # The parent names a source by its text, so a source run again is
@@ -276,6 +295,34 @@ class Server:
         return fn(*args, **kwargs)
 
 
+def _usable(stream: IO[str]) -> bool:
+    """Return whether ``stream`` is open, and still has its buffer."""
+    try:
+        return not stream.closed
+    except ValueError:  # its buffer detached
+        return False
+
+
+def _stdio_stream(fd: int) -> IO[str]:
+    """Return a text stream on fd 1 or 2, as ``python -u`` makes sys.stdout and sys.stderr.
+
+    Unbuffered: output written just before a crash must not die in a buffer.
+    """
+    raw = _FileIO(fd, "wb", closefd=False)
+    errors = None if fd == 1 else "backslashreplace"
+    return _TextIOWrapper(raw, errors=errors, write_through=True)
+
+
+def _own_stream(stream: Optional[IO[str]], fd: int) -> IO[str]:
+    """Return ``stream`` if it is the interpreter's usable stream on ``fd``, else a new one."""
+    try:
+        if stream is not None and _usable(stream) and stream.fileno() == fd:
+            return stream
+    except (OSError, ValueError):  # not on an fd at all
+        pass
+    return _stdio_stream(fd)
+
+
 def move_to_parent_cwd() -> None:
     cwd = os.environ.pop(CWD_ENV, None)
     if cwd is None:
@@ -288,8 +335,8 @@ def move_to_parent_cwd() -> None:
 
 def _close_fds(*fds: int) -> None:
     for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+        with _suppress(OSError):
+            _close(fd)
 
 
 def serve_worker(req_fd: int, rep_fd: int, life_fd: int, fault_fd: int) -> None:

@@ -11,10 +11,10 @@ from typing import Any, Optional
 
 import pytest
 
-from pytest_subproc import _compat, _errors, _runbody
-from pytest_subproc._exceptions import WorkerCrashed, WorkerTimeout
-from pytest_subproc._process import PACKAGE_ROOT, Worker, child_env
-from pytest_subproc._report import replay, stack_traceback, warn_return
+from pytest_subproc import _compat, _errors, _runbody, _wire
+from pytest_subproc._exceptions import WorkerCrashed, WorkerStartError, WorkerTimeout
+from pytest_subproc._process import PACKAGE_ROOT, Reply, Worker, child_env
+from pytest_subproc._report import replay, stack_traceback, traceback_at_test, warn_return
 from pytest_subproc._settings import MARKER, Defaults, Settings, for_item
 from pytest_subproc._spec import SPEC, SubprocessWarning, unsendable
 from pytest_subproc._subworker import relay_output
@@ -185,13 +185,13 @@ class Runtime:
         new = {n: v for n, v in spec.values.items() if (n, hash(v)) not in worker.checked}
         if not new:
             return
+        names = ", ".join(map(repr, new))
         call: tuple[Any, ...] = (_runbody.unsendable, (new,), {})
-        worker.start()
-        timeout = item.stash[SETTINGS].timeout
-        reply = worker.request(Kind.CALL, call, timeout=timeout, context=_call_context(worker))
+        self._start(item, worker)
+        doing = f"rebuilt fixture {names} at the setup of"
+        reply = self._request(item, worker, call, _call_context(worker), doing)
         relay_output(reply)
         if isinstance(reply.error, (WorkerCrashed, WorkerTimeout)):
-            names = ", ".join(map(repr, new))
             self._casualty(item, reply.error, f"at setup, rebuilding fixture {names}")
         failed = reply.unwrap()
         for name, why in failed.items():
@@ -201,15 +201,14 @@ class Runtime:
     def run(self, item: pytest.Function) -> None:
         """Run the item's body in its worker and raise what it raised."""
         __tracebackhide__ = True
-        settings = item.stash[SETTINGS]
         worker, spec = _worker_of(item), item.stash[SPEC]
         # Started first: a replaced worker's environment changes and modules
         # are counted afresh.
-        worker.start()
+        self._start(item, worker)
         context = _call_context(worker)
         code = _code_for(worker, spec)
         call: tuple[Any, ...] = (_runbody.run_body, (spec, code), {})
-        reply = worker.request(Kind.CALL, call, timeout=settings.timeout, context=context)
+        reply = self._request(item, worker, call, context, "ran")
         relay_output(reply)
         if isinstance(reply.error, (WorkerCrashed, WorkerTimeout)):
             self._casualty(item, reply.error)
@@ -222,6 +221,30 @@ class Runtime:
         if result.error is not None:
             raise _errors.load_exception(result.error)
 
+    def _start(self, item: pytest.Function, worker: Worker) -> None:
+        """Start the worker unless it runs; a failure is the test's error, said plainly."""
+        __tracebackhide__ = True
+        try:
+            worker.start()
+        except (WorkerStartError, _wire.WireError, OSError) as exc:
+            raise self.start_failed(item, exc) from None
+
+    def _request(
+        self,
+        item: pytest.Function,
+        worker: Worker,
+        call: tuple[Any, ...],
+        context: dict[str, Any],
+        doing: str,
+    ) -> Reply:
+        """Send the call with the test's timeout; a broken channel is the test's error."""
+        __tracebackhide__ = True
+        timeout = item.stash[SETTINGS].timeout
+        try:
+            return worker.request(Kind.CALL, call, timeout=timeout, context=context)
+        except (_wire.WireError, OSError) as exc:
+            raise self._lost(item, worker, exc, doing) from None
+
     def _casualty(
         self, item: pytest.Function, error: WorkerCrashed | WorkerTimeout, when: str = ""
     ) -> None:
@@ -231,6 +254,43 @@ class Runtime:
             error.args = (f"{first} ({when}){newline}{rest}", *error.args[1:])
         self.casualties.append((item.nodeid, str(error).partition("\n")[0]))
         error.__traceback__ = stack_traceback(error.stack, item)
+
+    def _lost(
+        self, item: pytest.Function, worker: Worker, exc: BaseException, doing: str
+    ) -> WorkerCrashed:
+        """Say in a sentence that the channel to the worker failed, for the test's report.
+
+        The plugin's frames and the wire's own exception would tell the user
+        nothing they can act on.
+        """
+        what = "its reply was corrupt" if isinstance(exc, _wire.WireError) else "its pipe broke"
+        pid = _pid_of(worker)
+        detail = str(exc) if isinstance(exc, _wire.WireError) else f"{type(exc).__name__}: {exc}"
+        error = WorkerCrashed(
+            f"worker lost: {what}{f' (pid {pid})' if pid else ''} while it {doing} "
+            f"{item.nodeid} ({detail}); the next test gets a fresh worker",
+            pid=pid or 0,
+            exitcode=None,
+        )
+        self._casualty(item, error)
+        return error
+
+    def start_failed(self, item: pytest.Function, exc: BaseException) -> WorkerStartError:
+        """Return the worker's failure to start, listed and shown at the test, not the plugin.
+
+        Its cause (a broken pipe, say) stays on the error as its context, out
+        of the report.
+        """
+        if isinstance(exc, WorkerStartError):
+            error, exc.__context__, exc.__cause__ = exc, exc.__cause__, None
+        else:
+            error = WorkerStartError(
+                f"the worker could not be started: {type(exc).__name__}: {exc}"
+            )
+            error.__context__ = exc
+        error.__traceback__ = traceback_at_test(item)
+        self.casualties.append((item.nodeid, str(error).partition("\n")[0]))
+        return error
 
 
 def _module_path(node: pytest.Item | pytest.Collector) -> str:
@@ -271,6 +331,14 @@ def _call_context(worker: Optional[Worker] = None) -> dict[str, Any]:
     worker.sent_env = dict(raw)
     context["env_changes"] = changes  # even empty: the worker then checks its own
     return context
+
+
+def _pid_of(worker: Worker) -> Optional[int]:
+    """The worker's pid, if it can still be told."""
+    try:
+        return worker.pid
+    except Exception:  # a forked worker's pid comes from a template that may be gone
+        return None
 
 
 def _worker_of(item: pytest.Function) -> Worker:

@@ -10,7 +10,7 @@ import pytest
 
 from pytest_subproc import _compat, _dispatch, _report, _settings, _spec
 from pytest_subproc._dispatch import Runtime
-from pytest_subproc._exceptions import ChildTraceException
+from pytest_subproc._exceptions import ChildTraceException, WorkerStartError
 from pytest_subproc._process import Worker
 from pytest_subproc._subworker import Subworker
 
@@ -59,7 +59,10 @@ def pytest_itemcollected(item: pytest.Item) -> None:
     if runtime.template is None and (
         runtime.defaults.isolate_all or item.get_closest_marker(_settings.MARKER) is not None
     ):
-        runtime.warm_up()
+        # Only a head start: a template that cannot start fails the tests that
+        # need a worker, when they run, not the whole collection.
+        with contextlib.suppress(WorkerStartError, OSError):
+            runtime.warm_up()
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -129,7 +132,11 @@ def _is_isolated(item: pytest.Item) -> bool:
 
 def _scoped_worker(request: pytest.FixtureRequest) -> Iterator[Worker]:
     runtime = request.config.stash[RUNTIME]
-    worker = runtime.new_worker(request.node, request.scope)
+    try:
+        worker = runtime.new_worker(request.node, request.scope)
+    except (WorkerStartError, OSError) as exc:
+        # The error of the test that asked for the worker, shown there.
+        raise runtime.start_failed(request._pyfuncitem, exc) from None
     try:
         yield worker
     finally:
@@ -163,7 +170,7 @@ def subworker(request: pytest.FixtureRequest) -> Subworker:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     runtime = terminalreporter.config.stash.get(RUNTIME, None)
-    if runtime is None or not runtime.workers:
+    if runtime is None or not (runtime.workers or runtime.casualties):
         return
     terminalreporter.write_sep("-", "subprocess workers")
     for nodeid, what in runtime.casualties:

@@ -13,11 +13,12 @@ the other installed plugins only slow the runs down.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from _inner import read_pids
+from _inner import assert_gone, read_pids
 from _inner import run_inner as run
 
 pytestmark = pytest.mark.usefixtures("no_plugin_autoload")
@@ -211,3 +212,155 @@ def test_exceptions_that_do_not_pickle_whole_keep_their_type(pytester: pytest.Py
     result.assert_outcomes(xfailed=2, failed=1)
     result.stdout.fnmatch_lines(["*E   test_partly.FrozenError: can't set attribute"])
     assert "UnserializableException" not in result.stdout.str()
+
+
+# --------------------------------------------------------------------------
+# A worker that cannot start, a broken channel to the worker
+# --------------------------------------------------------------------------
+
+START_FAILS = """
+import pytest
+
+@pytest.mark.subprocess
+def test_marked():
+    pass
+
+def test_plain():
+    pass
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux's limit on one environment string")
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_a_worker_that_cannot_start_fails_only_the_tests_that_need_one(
+    pytester: pytest.Pytester, start: str
+) -> None:
+    # Over Linux's 128 KiB for one environment string: no process can be started.
+    pytester.makeconftest('import os\nos.environ["BIG_CONFIG"] = "x" * 150_000\n')
+    pytester.makepyfile(test_start=START_FAILS)
+    result = run(pytester, "--tb=short", f"--subprocess-start={start}")
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    outcomes = result.parseoutcomes()
+    # At setup where the worker's fixture starts it, else when the body is sent.
+    assert (outcomes["passed"], outcomes.get("errors", 0) + outcomes.get("failed", 0)) == (1, 1)
+    error = section(result, " test_marked _")
+    assert "WorkerStartError: " in error
+    assert "Argument list too long" in error
+    assert f"pytest_subproc{os.sep}" not in error
+    result.stdout.fnmatch_lines(["*- subprocess workers -*", "test_start.py::test_marked: *"])
+
+
+# Breaks the parent's side of the channel for the tests marked
+# ``breaks("corrupt")`` or ``breaks("reset")``, as a stray write into the
+# reply pipe or a reset would.
+BREAKING_CONFTEST = """
+import pytest
+
+from pytest_subproc import _wire
+
+_real_recv, _real_send = _wire.recv_parts, _wire.send_parts
+BREAK = []
+
+
+def recv_parts(fd, deadline=None):
+    kind, data = _real_recv(fd, deadline)
+    if "corrupt" in BREAK and kind != _wire.Kind.READY:
+        raise _wire.WireCorrupt("bad message header b'garbage'")
+    return kind, data
+
+
+def send_parts(fd, kind, parts, deadline=None):
+    if "reset" in BREAK:
+        raise ConnectionResetError(104, "Connection reset by peer")
+    return _real_send(fd, kind, parts, deadline)
+
+
+_wire.recv_parts, _wire.send_parts = recv_parts, send_parts
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "breaks(how): break the channel to the worker")
+
+
+@pytest.fixture(autouse=True)
+def _break(request):
+    marker = request.node.get_closest_marker("breaks")
+    BREAK[:] = marker.args if marker else ()
+    yield
+    BREAK.clear()
+
+
+@pytest.fixture
+def value():
+    return 42
+"""
+
+BREAKING = """
+import pytest
+from pidlog import log
+
+pytestmark = pytest.mark.subprocess
+
+
+@pytest.mark.breaks("corrupt")
+def test_reply_corrupt():
+    log("corrupt")
+
+
+def test_next():
+    log("next")
+
+
+@pytest.mark.breaks("reset")
+def test_pipe_broken():
+    pass
+
+
+@pytest.mark.breaks("corrupt")
+def test_reply_corrupt_at_setup(value):
+    pass
+
+
+def test_last():
+    log("last")
+"""
+
+
+def test_broken_channel_fails_the_test_with_a_sentence(
+    pytester: pytest.Pytester, pidlog: Path
+) -> None:
+    pytester.makeconftest(BREAKING_CONFTEST)
+    pytester.makepyfile(test_breaking=BREAKING)
+    result = run(pytester, "--tb=short")
+    result.assert_outcomes(passed=2, failed=2, errors=1)
+    pids = read_pids(pidlog)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_reply_corrupt _*",
+            f"E   *WorkerCrashed: *could not be read*pid {pids['corrupt']}*fresh worker*",
+            "*_ test_pipe_broken _*",
+            "E   *WorkerCrashed: worker lost: its pipe broke (pid *) while it ran "
+            "test_breaking.py::test_pipe_broken "
+            "(ConnectionResetError: [[]Errno 104] Connection reset by peer); "
+            "the next test gets a fresh worker",
+        ]
+    )
+    at_setup = section(result, "ERROR at setup of test_reply_corrupt_at_setup")
+    assert "WorkerCrashed" in at_setup
+    assert "(at setup, rebuilding fixture 'value')" in at_setup
+    for name in ("test_reply_corrupt", "test_pipe_broken"):
+        text = section(result, f"_ {name} _")
+        assert f"pytest_subproc{os.sep}" not in text
+        assert "During handling" not in text
+    assert f"pytest_subproc{os.sep}" not in at_setup
+    assert pids["next"] != pids["corrupt"]
+    assert pids["last"] != pids["next"]
+    result.stdout.fnmatch_lines(
+        [
+            "*- subprocess workers -*",
+            "test_breaking.py::test_reply_corrupt: *",
+            "test_breaking.py::test_pipe_broken: worker lost: its pipe broke*",
+            "test_breaking.py::test_reply_corrupt_at_setup: *(at setup, rebuilding fixture*",
+        ]
+    )
+    assert_gone(pids.values())

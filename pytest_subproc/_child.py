@@ -8,6 +8,7 @@ This module never imports the parent-side modules, nor pytest.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import faulthandler
 import io
@@ -16,8 +17,9 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
-from types import CodeType
+from types import CodeType, FrameType
 from typing import IO, Any, Callable, Optional
 
 from pytest_subproc import _codec, _errors, _wire
@@ -27,11 +29,19 @@ from pytest_subproc._wire import Kind
 _COMPILED = 256
 # The parent's cwd: we start elsewhere (where this package lives) and move there.
 CWD_ENV = "PYTEST_SUBPROC_CWD"
+# How long after the watchdog faulthandler dumps the stacks itself, for a body
+# that holds the GIL and so keeps the watchdog from running: well within the
+# time the parent waits past a timeout before it kills the worker.
+BACKSTOP = 0.1
+# As many threads, and frames of each, as faulthandler dumps.
+_MAX_THREADS = 100
+_MAX_DEPTH = 100
 
 # Every function the worker's own machinery calls is taken at import: a test
 # body that replaces one (os.dup2, faulthandler.dump_traceback_later) and
 # leaves it behind breaks only itself, not the tests after it in its worker.
 _read = os.read
+_write = os.write
 _close = os.close
 _dup2 = os.dup2
 _chdir = os.chdir
@@ -40,8 +50,14 @@ _getpid = os.getpid
 _getpgrp = getattr(os, "getpgrp", None)
 _killpg = getattr(os, "killpg", None)
 _exit = os._exit
+_monotonic = time.monotonic
 _dump_later = faulthandler.dump_traceback_later
 _cancel_dump_later = faulthandler.cancel_dump_traceback_later
+_current_frames = sys._current_frames
+_get_ident = _thread.get_ident
+_allocate_lock = _thread.allocate_lock
+_start_thread = _thread.start_new_thread
+_TIMEOUT_MAX = _thread.TIMEOUT_MAX
 _suppress = contextlib.suppress
 _FileIO = io.FileIO
 _TextIOWrapper = io.TextIOWrapper
@@ -183,6 +199,123 @@ def applied(context: dict[str, Any]) -> Iterator[None]:
         sys.path[:] = path
 
 
+class Watchdog:
+    """Dumps the stacks of a request that overruns its timeout, its own thread's first.
+
+    faulthandler dumps at most 100 threads, newest first: the thread serving
+    requests, the oldest, is missing from its dump of a body that started
+    more. This thread of ours writes every stack in faulthandler's format
+    instead. faulthandler's own timer, set a little later, stays as the
+    backstop for a body that holds the GIL and so keeps this thread from
+    running. One thread serves every request: arming a request wakes it only
+    when the request's deadline comes before the time it sleeps until.
+    """
+
+    def __init__(self, fault: IO[str]) -> None:
+        self.fault = fault
+        self.fd = fault.fileno()
+        self.serving = _get_ident()
+        self.lock = _allocate_lock()  # over the fields below, and a dump
+        self.timeout = 0.0
+        self.deadline: Optional[float] = None
+        self.sleeps_until: Optional[float] = None  # None: until woken
+        self.wake = _allocate_lock()
+        self.wake.acquire()  # released to wake the watchdog up
+        # Not a threading.Thread: bodies that list or count threads do not see it.
+        # Waited for, so that a body holding the GIL finds it asleep, not starting.
+        started = _allocate_lock()
+        started.acquire()
+        self.ident = _start_thread(self.watch, (started,))
+        started.acquire()
+
+    def arm(self, timeout: float, start: float) -> None:
+        """Dump the stacks ``timeout`` seconds after ``start``, unless disarmed before."""
+        deadline = start + timeout
+        with self.lock:
+            later = max(deadline + BACKSTOP - _monotonic(), 1e-3)  # faulthandler wants > 0
+            _dump_later(later, exit=False, file=self.fault)
+            self.timeout, self.deadline = timeout, deadline
+            # Unlocked: it is awake already, and looks again before it sleeps.
+            sooner = self.sleeps_until is None or self.sleeps_until > deadline
+            if sooner and self.wake.locked():
+                self.wake.release()
+
+    def disarm(self) -> None:
+        """Dump nothing for the request just done."""
+        with self.lock:
+            self.deadline = None
+            _cancel_dump_later()
+
+    def watch(self, started: Any) -> None:
+        """Sleep until the deadline, dump if the request still runs, and again."""
+        started.release()
+        while True:
+            with self.lock:
+                now, deadline = _monotonic(), self.deadline
+                if deadline is not None and now >= deadline:
+                    self.deadline = deadline = None
+                    with _suppress(Exception):  # the backstop still dumps
+                        self.dump()
+                if deadline is None and self.timeout:
+                    # Idle, it sleeps half as long as the last request could
+                    # run: the next one's deadline comes later, even counted
+                    # from a little before now, so arming it need not wake
+                    # us (waking costs more than a small test takes).
+                    deadline = now + self.timeout / 2
+                self.sleeps_until = deadline
+            self.wake.acquire(timeout=_wait_until(deadline))
+
+    def dump(self) -> None:
+        """Write every thread's stack to the fault file, the serving thread's first."""
+        text = _timeout_line(self.timeout) + _stacks(_current_frames(), self.serving, self.ident)
+        # If faulthandler is dumping already, this waits for it to finish, so
+        # the two dumps never interleave.
+        _cancel_dump_later()
+        data = memoryview(text.encode("utf-8", "backslashreplace"))
+        while data:
+            data = data[_write(self.fd, data) :]
+
+
+def _wait_until(deadline: Optional[float]) -> float:
+    """The timeout for a lock's acquire() to wait until ``deadline`` (None: for ever)."""
+    if deadline is None:
+        return -1.0
+    return min(max(deadline - _monotonic(), 0.0), _TIMEOUT_MAX)
+
+
+def _timeout_line(timeout: float) -> str:
+    """The line faulthandler starts its dump with, ``Timeout (0:00:01.500000)!``."""
+    seconds, micro = divmod(round(timeout * 1e6), 1_000_000)
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    fraction = f".{micro:06d}" if micro else ""
+    return f"Timeout ({hours}:{minutes:02d}:{seconds:02d}{fraction})!\n"
+
+
+def _stacks(frames: dict[int, FrameType], first: int, skip: int) -> str:
+    """Each thread's stack as faulthandler writes it, thread ``first`` first, without ``skip``."""
+    order = [first, *(ident for ident in frames if ident not in (first, skip))]
+    blocks = [_stack(ident, frames.get(ident), ident == first) for ident in order[:_MAX_THREADS]]
+    if len(order) > _MAX_THREADS:
+        blocks.append("...\n")
+    return "\n".join(blocks)
+
+
+def _stack(ident: int, frame: Optional[FrameType], current: bool) -> str:
+    """One thread's stack as faulthandler writes it, most recent call first."""
+    title = "Current thread" if current else "Thread"
+    lines = [f"{title} 0x{ident:016x} (most recent call first):"]
+    while frame is not None:
+        if len(lines) > _MAX_DEPTH:
+            lines.append("  ...")
+            break
+        code, line = frame.f_code, frame.f_lineno
+        where = "???" if line is None else line
+        lines.append(f'  File "{code.co_filename}", line {where} in {code.co_name}')
+        frame = frame.f_back
+    return "\n".join(lines) + "\n"
+
+
 class Server:
     """Serves requests from one parent until it says shutdown or goes away."""
 
@@ -197,6 +330,7 @@ class Server:
         # the requests after it.
         self.stdio = (os.dup(1), os.dup(2))
         self.streams = [_own_stream(sys.__stdout__, 1), _own_stream(sys.__stderr__, 2)]
+        self.watchdog: Optional[Watchdog] = None
         self.handlers: dict[int, Callable[..., Any]] = {
             Kind.RUN: self.on_run,
             Kind.STORE: self.on_store,
@@ -220,6 +354,9 @@ class Server:
     def handle(self, kind: int, parts: list[_wire.Received]) -> tuple[int, list[_wire.Buffer]]:
         """Run one request and return the reply (kind, parts); never raises."""
         self.reset_stdio()
+        # The parent's clock runs from before it sent the request; ours starts
+        # before the decoding, which may import modules (pytest, at first).
+        received = _monotonic()
         try:
             timeout, context, args = _codec.loads(parts)
             handler = self.handlers.get(kind)
@@ -229,11 +366,11 @@ class Server:
                 self.mirror.enter(context)
             if timeout is None:
                 return Kind.OK, _codec.dumps(handler(*args))
-            self.arm(timeout)
+            watchdog = self.arm(timeout, received)
             try:
                 result = handler(*args)
             finally:
-                _cancel_dump_later()
+                watchdog.disarm()
             return Kind.OK, _codec.dumps(result)
         except BaseException as exc:
             return Kind.ERROR, [_errors.dump_exception(exc)]
@@ -246,14 +383,16 @@ class Server:
                 stream.flush()
         _wire.send_parts(self.rep_fd, kind, parts)
 
-    def arm(self, timeout: Optional[float]) -> None:
-        """Dump every thread's stack when the request overruns its timeout.
+    def arm(self, timeout: float, start: float) -> Watchdog:
+        """Have every thread's stack dumped if the request overruns ``timeout`` from ``start``.
 
         The worker does not exit: the parent kills the whole tree just after,
         while the worker still lives to name descendants that left its group.
         """
-        if timeout is not None:
-            _dump_later(timeout, exit=False, file=self.fault)
+        if self.watchdog is None:  # started by the first request with a timeout
+            self.watchdog = Watchdog(self.fault)
+        self.watchdog.arm(timeout, start)
+        return self.watchdog
 
     def reset_stdio(self) -> None:
         """Point fds 1 and 2, sys.stdout/stderr and their __dunder__ twins back at the captures."""

@@ -3,7 +3,8 @@
 A body may replace the functions the worker's own machinery calls (the
 framing's ``os.write``, ``select.poll``, ``pickle``), or the streams it puts
 back before each test, and leave them so; the next test in the same worker
-must run and report as if nothing had happened.
+must run and report as if nothing had happened. A body that overruns its
+timeout is reported with its own frames, however many threads it started.
 
 Each test runs an inner pytest (``pytester.runpytest_subprocess``, so a hang
 stays there, bounded by a timeout), as in test_marker.
@@ -11,12 +12,17 @@ stays there, bounded by a timeout), as in test_marker.
 
 from __future__ import annotations
 
+import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 from _inner import PARENT_CONFTEST, assert_gone, read_pids
 from _inner import run_inner as run
+
+from pytest_subproc import _child, _report
+from pytest_subproc._process import clean_stack
 
 pytestmark = pytest.mark.usefixtures("no_plugin_autoload")
 
@@ -33,6 +39,12 @@ def test_2_innocent():
     print("INNOCENT-OUT")
     sys.stderr.write("INNOCENT-ERR\\n")
 """
+
+
+def line_of(source: str, text: str) -> int:
+    """The line number of the first line of ``source`` (as pytester writes it) holding ``text``."""
+    lines = textwrap.dedent(source).strip().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if text in line)
 
 
 def run_after(pytester: pytest.Pytester, pidlog: Path, damage: str, *args: str) -> pytest.RunResult:
@@ -119,3 +131,90 @@ def test_a_body_that_closes_the_streams_does_not_silence_the_next(
     sys.stderr.close()
     """
     assert_innocent_unharmed(run_after(pytester, pidlog, damage), pidlog)
+
+
+MANY_THREADS = """
+import threading
+import time
+import pytest
+
+THREADS = 150
+
+@pytest.mark.subprocess(timeout=1)
+def test_starts_many_threads_then_hangs():
+    stop = threading.Event()
+    for _ in range(THREADS):
+        threading.Thread(target=stop.wait, daemon=True).start()
+    time.sleep(300)  # the hang
+"""
+
+
+def test_a_timeout_shows_the_test_s_own_frame_first_among_many_threads(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_threads=MANY_THREADS)
+    result = run(pytester, timeout=INNER_TIMEOUT)
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "timed out after 1" in out
+    line = line_of(MANY_THREADS, "the hang")
+    frame = f'test_threads.py", line {line} in test_starts_many_threads_then_hangs'
+    assert frame in out
+    assert out.index(frame) < out.index("Thread 0x"), "the test's thread is not first"
+    assert f"test_threads.py:{line}: WorkerTimeout" in out
+
+
+HOLDS_THE_GIL = """
+import itertools
+import pytest
+
+@pytest.mark.subprocess(timeout=1)
+def test_holds_the_gil():
+    sum(itertools.repeat(1, 10**15))  # C code that never lets go of the GIL
+"""
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_a_timeout_of_a_body_that_holds_the_gil_still_shows_its_frame(
+    pytester: pytest.Pytester, start: str
+) -> None:
+    """The watchdog cannot run; faulthandler, which needs no GIL, dumps instead.
+
+    A spawned worker imports pytest while it decodes its first request: the
+    timeout runs from before that, as the parent's does, or the dump would
+    come after the parent has killed the worker.
+    """
+    pytester.makepyfile(test_gil=HOLDS_THE_GIL)
+    result = run(pytester, f"--subprocess-start={start}", timeout=INNER_TIMEOUT)
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    # faulthandler's dump: its timer thread is no Python thread, so none is "current".
+    assert "Thread 0x" in out
+    assert "Current thread" not in out
+    line = line_of(HOLDS_THE_GIL, "never lets go")
+    assert f'test_gil.py", line {line} in test_holds_the_gil' in out
+    assert f"test_gil.py:{line}: WorkerTimeout" in out
+    assert "<no Python frame>" not in out  # the watchdog, waiting for the GIL, is left out
+
+
+def test_the_watchdog_s_dump_reads_as_faulthandler_s_with_the_serving_thread_first() -> None:
+    stop = threading.Event()
+    threads = [threading.Thread(target=stop.wait) for _ in range(150)]
+    for thread in threads:
+        thread.start()
+    try:
+        here = sys._getframe().f_lineno + 1
+        stacks = _child._stacks(sys._current_frames(), threading.get_ident(), -1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    dump = _child._timeout_line(1.5) + stacks
+    assert dump.startswith("Timeout (0:00:01.500000)!\nCurrent thread 0x")
+    dumped = _report._dump_threads(dump)
+    assert len(dumped) == _child._MAX_THREADS
+    assert dumped[0][-1] == (__file__, here, sys._getframe().f_code.co_name)
+    assert dump.endswith("\n\n...\n")  # as faulthandler marks the threads left out
+    cleaned = clean_stack(dump)
+    assert cleaned.startswith("Timeout (0:00:01.500000)!\n\nCurrent thread 0x")
+    assert f"line {here} in test_the_watchdog" in cleaned.splitlines()[3]

@@ -1,9 +1,10 @@
-"""The worker's main loop: read a request, run it, send the reply, repeat.
+"""The worker's main loop (runs in the worker): read a request, run it, reply, repeat.
 
-Started by the parent as ``python -m pytest_subproc._child REQ REP LIFE FAULT``
-where the arguments are inherited fds: requests in, replies out, a lifeline
-whose write end only the parent holds, and a file for faulthandler's dumps.
-This module never imports the parent-side modules, nor pytest.
+Its peer in pytest is ``_process``. The template (``_zygote``) forks the
+worker and hands it its fds: requests in, replies out, a lifeline whose write
+end only pytest holds, a file for faulthandler's dumps, and a page where the
+worker counts the requests it has read. This module never imports the
+pytest-side modules, nor pytest.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import contextlib
 import faulthandler
 import io
 import linecache
+import mmap
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -25,9 +28,11 @@ from typing import IO, Any, Callable, Optional
 from pytest_subproc import _codec, _errors, _wire
 from pytest_subproc._wire import Kind
 
+# The count of requests read, as pytest's side (_process.Receipts) reads it.
+_RECEIPT = struct.Struct("<Q")
 # How many compiled run() sources to keep.
 _COMPILED = 256
-# The parent's cwd: we start elsewhere (where this package lives) and move there.
+# pytest's cwd: the template starts elsewhere (where this package lives) and moves there.
 CWD_ENV = "PYTEST_SUBPROC_CWD"
 # How long after the watchdog faulthandler dumps the stacks itself, for a body
 # that holds the GIL and so keeps the watchdog from running: well within the
@@ -319,10 +324,14 @@ def _stack(ident: int, frame: Optional[FrameType], current: bool) -> str:
 class Server:
     """Serves requests from one parent until it says shutdown or goes away."""
 
-    def __init__(self, req_fd: int, rep_fd: int, fault: IO[str]) -> None:
+    def __init__(self, req_fd: int, rep_fd: int, fault: IO[str], receipts: mmap.mmap) -> None:
         self.req_fd = req_fd
         self.rep_fd = rep_fd
         self.fault = fault
+        # Where we count the requests read, for pytest to tell, if we die,
+        # whether the last one reached us.
+        self.receipts = receipts
+        self.received = 0
         self.namespace: dict[str, Any] = {"__name__": "__subworker__"}
         self.mirror = Mirror()
         # Copies of the capture fds, and streams of our own on fds 1 and 2, so
@@ -347,6 +356,8 @@ class Server:
                 kind, parts = _wire.recv_parts(self.req_fd)
             except _wire.WireClosed:
                 return
+            self.received += 1
+            _RECEIPT.pack_into(self.receipts, 0, self.received)
             if kind == Kind.SHUTDOWN:
                 return
             self.reply(*self.handle(kind, parts))
@@ -462,26 +473,16 @@ def _own_stream(stream: Optional[IO[str]], fd: int) -> IO[str]:
     return _stdio_stream(fd)
 
 
-def move_to_parent_cwd() -> None:
-    cwd = os.environ.pop(CWD_ENV, None)
-    if cwd is None:
-        return
-    with contextlib.suppress(OSError):
-        os.chdir(cwd)
-        # What ``python -m`` would have put first had it started there.
-        sys.path[0] = cwd
-
-
 def _close_fds(*fds: int) -> None:
     for fd in fds:
         with _suppress(OSError):
             _close(fd)
 
 
-def serve_worker(req_fd: int, rep_fd: int, life_fd: int, fault_fd: int) -> None:
+def serve_worker(req_fd: int, rep_fd: int, life_fd: int, fault_fd: int, receipts_fd: int) -> None:
     """Take the fds, arm faulthandler, watch the parent, say ready, serve."""
     own_group()
-    for fd in (req_fd, rep_fd, life_fd, fault_fd):
+    for fd in (req_fd, rep_fd, life_fd, fault_fd, receipts_fd):
         os.set_inheritable(fd, False)  # our own subprocesses must not hold them
     if hasattr(os, "register_at_fork"):
         # A fork()ed child (multiprocessing, os.fork) inherits every fd: one
@@ -490,19 +491,6 @@ def serve_worker(req_fd: int, rep_fd: int, life_fd: int, fault_fd: int) -> None:
     fault = open(fault_fd, "w", closefd=False)  # noqa: SIM115 - lives as long as we do
     faulthandler.enable(file=fault, all_threads=True)
     watch_parent(life_fd)
+    receipts = mmap.mmap(receipts_fd, mmap.PAGESIZE)
     _wire.send_parts(rep_fd, Kind.READY, [])
-    Server(req_fd, rep_fd, fault).serve()
-
-
-def main(argv: list[str]) -> None:
-    """A spawned worker: move to the parent's cwd, then serve."""
-    move_to_parent_cwd()
-    serve_worker(*(int(a) for a in argv[1:5]))
-
-
-if __name__ == "__main__":
-    # Run from the module under its real name, not as __main__: the worker's
-    # frames are then known as its own and left out of revived tracebacks.
-    from pytest_subproc import _child
-
-    _child.main(sys.argv)
+    Server(req_fd, rep_fd, fault, receipts).serve()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import sys
@@ -144,7 +145,7 @@ class Runtime:
         self.live.append(worker)
         return worker
 
-    def retire(self, worker: Worker) -> None:
+    def retire(self, worker: Worker, nodeid: str = "") -> None:
         """Close a worker at the end of its scope and count its starts."""
         try:
             worker.close()
@@ -153,15 +154,17 @@ class Runtime:
                 self.live.remove(worker)
             self.workers += worker.starts
             self.restarts += max(worker.starts - 1, 0)
+            self.note_idle_deaths(worker, nodeid)
 
     def close_all(self) -> None:
-        """Close every worker still open (the run is ending, maybe on Ctrl-C)."""
+        """Close every worker still open (the run is ending, maybe on Ctrl-C), come what may."""
         self.spares.clear()
-        for worker in list(self.live):
-            self.retire(worker)
-        if self.template is not None:
-            self.template.close()
-            self.template = None
+        with contextlib.ExitStack() as closing:  # each one closed even if another fails
+            for worker in list(self.live):
+                closing.callback(self.retire, worker)
+            if self.template is not None:
+                closing.callback(self.template.close)
+                self.template = None
 
     def preload(self, name: str, path: str, context: dict[str, Any]) -> None:
         """Have the template import a test module, so that later forks start with it.
@@ -189,7 +192,7 @@ class Runtime:
         call: tuple[Any, ...] = (_runbody.unsendable, (new,), {})
         self._start(item, worker)
         doing = f"rebuilt fixture {names} at the setup of"
-        reply = self._request(item, worker, call, _call_context(worker), doing)
+        reply = self._request(item, worker, call, doing)
         relay_output(reply)
         if isinstance(reply.error, (WorkerCrashed, WorkerTimeout)):
             self._casualty(item, reply.error, f"at setup, rebuilding fixture {names}")
@@ -205,10 +208,9 @@ class Runtime:
         # Started first: a replaced worker's environment changes and modules
         # are counted afresh.
         self._start(item, worker)
-        context = _call_context(worker)
         code = _code_for(worker, spec)
         call: tuple[Any, ...] = (_runbody.run_body, (spec, code), {})
-        reply = self._request(item, worker, call, context, "ran")
+        reply = self._request(item, worker, call, "ran")
         relay_output(reply)
         if isinstance(reply.error, (WorkerCrashed, WorkerTimeout)):
             self._casualty(item, reply.error)
@@ -234,16 +236,25 @@ class Runtime:
         item: pytest.Function,
         worker: Worker,
         call: tuple[Any, ...],
-        context: dict[str, Any],
         doing: str,
     ) -> Reply:
         """Send the call with the test's timeout; a broken channel is the test's error."""
         __tracebackhide__ = True
         timeout = item.stash[SETTINGS].timeout
         try:
-            return worker.request(Kind.CALL, call, timeout=timeout, context=context)
+            return worker.request(
+                Kind.CALL, call, timeout=timeout, context=lambda: _call_context(worker)
+            )
         except (_wire.WireError, OSError) as exc:
             raise self._lost(item, worker, exc, doing) from None
+        finally:
+            self.note_idle_deaths(worker, item.nodeid)
+
+    def note_idle_deaths(self, worker: Worker, nodeid: str) -> None:
+        """List the deaths of a worker between requests, under the test that found it dead."""
+        for death in worker.idle_deaths:
+            self.casualties.append((nodeid, f"{death}; a fresh worker took over"))
+        worker.idle_deaths.clear()
 
     def _casualty(
         self, item: pytest.Function, error: WorkerCrashed | WorkerTimeout, when: str = ""

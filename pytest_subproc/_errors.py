@@ -32,6 +32,9 @@ from typing import Any, Callable, NamedTuple, Optional
 
 from pytest_subproc._exceptions import ChildTraceException, UnserializableException
 
+# Taken at import: a body that replaces pickle.loads must not break the reports after it.
+_loads = pickle.loads
+
 # Longest message, args repr or traceback text shipped, in characters. The
 # pickled exception is not cut, so a revived exception keeps a longer message.
 TEXT_LIMIT = 1 << 20
@@ -181,7 +184,7 @@ def _round_trip(exc: BaseException, reduction: tuple[Any, ...] | None = None) ->
         _Pickler(buffer, protocol=_PROTOCOL, rebuilt=(exc, reduction)).dump(exc)
         data = buffer.getvalue()
         # The parent could do no better than this round trip: ship only a success.
-        back = pickle.loads(data)
+        back = _loads(data)
         if type(back) is not type(exc):
             return None
         if reduction is not None and _safe_str(back) != _safe_str(exc):

@@ -13,13 +13,15 @@ become the template's orphans when the worker dies, and it kills them too.
 
 from __future__ import annotations
 
+import mmap
 import os
 import select
 import signal
+import struct
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import pytest_subproc
 from pytest_subproc import _child, _codec, _errors, _template, _wire
@@ -130,6 +132,30 @@ class CaptureFile:
         os.close(self.fd)
 
 
+class Receipts:
+    """How many requests the worker has read, in a page both sides map.
+
+    The worker counts each request as soon as it has read it whole, with no
+    system call; after a death, a count short of what was sent proves the
+    last request never reached it.
+    """
+
+    _COUNT = struct.Struct("<Q")
+
+    def __init__(self) -> None:
+        with tempfile.TemporaryFile(prefix="pytest_subproc-") as f:
+            f.truncate(mmap.PAGESIZE)
+            self.fd = os.dup(f.fileno())
+        self._map = mmap.mmap(self.fd, mmap.PAGESIZE)
+
+    def count(self) -> int:
+        return int(self._COUNT.unpack_from(self._map)[0])
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self.fd)
+
+
 @dataclass
 class Reply:
     """What one request produced: a value or an error, and the output written meanwhile."""
@@ -163,9 +189,9 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pytest_subproc.__
 class Worker:
     """A worker process, started on first use and replaced after it dies.
 
-    Without a shared template, each worker gets a template of its own that
-    imports nothing of pytest's: the worker then starts as fresh as a spawned
-    interpreter. Not thread-safe: one request at a time.
+    Without a shared template, each worker process gets a template of its
+    own, so it starts as fresh as a spawned interpreter. Not thread-safe: one
+    request at a time.
     """
 
     def __init__(
@@ -196,6 +222,8 @@ class Worker:
         self.preloaded: frozenset[str] = frozenset()
         self._proc: Optional[ForkedProcess] = None
         self._files: dict[str, CaptureFile] = {}
+        self._receipts: Optional[Receipts] = None  # made for each process, with its pipes
+        self._sent = 0  # requests sent to the running process
         self._req = self._rep = self._life = -1
 
     @property
@@ -235,8 +263,10 @@ class Worker:
         life_r, self._life = os.pipe()
         _template.HELD.add(self._life)
         std = [self._files[n].fd for n in ("stdout", "stderr")] if self.capture else [1, 2]
+        self._receipts, self._sent = Receipts(), 0
         try:
-            fds = [req_r, rep_w, life_r, self._files["fault"].fd, *std]
+            receipts = self._receipts.fd
+            fds = [req_r, rep_w, life_r, self._files["fault"].fd, receipts, *std]
             self._proc = template.fork(fds, child_env(), os.getcwd())
         finally:
             for fd in (req_r, rep_w, life_r):
@@ -250,7 +280,7 @@ class Worker:
         if self._own_template:
             if self.template is not None:
                 self.template.close()
-            self.template = Template(child_env(), PACKAGE_ROOT, bare=True)
+            self.template = Template(child_env(), PACKAGE_ROOT)
         assert self.template is not None
         if self.template.tainted:
             self.template.close()  # it has a thread: a new one, which will not import that
@@ -285,6 +315,8 @@ class Worker:
         assert template is not None
         output = self._read("stderr") + self._read("fault")
         timed_out = isinstance(cause, _wire.WireTimeout)
+        if proc.waiting and not timed_out:
+            template.resolve(proc)  # its pipe closed: the template's answer is on its way
         if proc.waiting or proc.refused:
             # No worker to speak of: the template is stuck, gone, or refused to fork.
             output += template.output()
@@ -337,22 +369,48 @@ class Worker:
         args: tuple[Any, ...],
         *,
         timeout: Optional[float] = None,
-        context: Optional[dict[str, Any]] = None,
+        context: Union[Callable[[], Optional[dict[str, Any]]], dict[str, Any], None] = None,
     ) -> Reply:
-        """Send one request and return its Reply; a dead worker is replaced first."""
+        """Send one request and return its Reply; a dead worker is replaced first.
+
+        A worker found to have died before it read the request (killed since
+        the last one, say) is replaced, and the request goes to the new one:
+        nothing of it ran. ``context()`` makes what the worker is told of
+        pytest's process state; it is made again for a new worker, which has
+        been told nothing yet.
+        """
+
+        def parts() -> list[_wire.Buffer]:
+            return _codec.dumps((timeout, context() if callable(context) else context, args))
+
+        reply = self._attempt(kind, parts, timeout)
+        if reply is None:
+            self.idle_deaths.append(self._death())
+            reply = self._attempt(kind, parts, timeout)
+        if reply is None:
+            reply = self._reply(error=self._died(timeout, 0.0))
+        return reply
+
+    def _attempt(
+        self, kind: Kind, parts: Callable[[], list[_wire.Buffer]], timeout: Optional[float]
+    ) -> Optional[Reply]:
+        """Send the request once; None if the worker was dead before it read it."""
         self.start()
         for f in self._files.values():
             f.clear()
-        parts = _codec.dumps((timeout, context, args))
+        data = parts()
         started = _monotonic()
         deadline = None if timeout is None else started + timeout + BACKSTOP
+        self._sent += 1
         try:
-            self._send(kind, parts, deadline)
+            _wire.send_parts(self._req, kind, data, deadline)
             _wire.await_readable(self._rep, _wire.AWAKE)
-            rkind, data = self._receive(deadline)
+            rkind, answer = self._receive(deadline)
         except _wire.WireTimeout:
             return self._reply(error=self._timed_out(timeout, killed=True))
         except _wire.WireClosed:
+            if self._receipts is not None and self._receipts.count() < self._sent:
+                return None  # it never read this request, so nothing of it ran
             return self._reply(error=self._died(timeout, _monotonic() - started))
         except _wire.WireCorrupt as exc:
             return self._reply(error=self._garbled(exc))
@@ -362,22 +420,11 @@ class Worker:
             self._kill()
             raise
         if rkind == Kind.ERROR:
-            return self._reply(error=_errors.load_exception(bytes(data[0])))
+            return self._reply(error=_errors.load_exception(bytes(answer[0])))
         try:
-            return self._reply(value=_codec.loads(data))
+            return self._reply(value=_codec.loads(answer))
         except Exception as exc:  # e.g. a class the parent cannot import
             return self._reply(error=exc)
-
-    def _send(self, kind: Kind, parts: list[_wire.Buffer], deadline: Optional[float]) -> None:
-        """Send a request; if the worker died since the last one, send it to a fresh worker."""
-        try:
-            _wire.send_parts(self._req, kind, parts, deadline)
-            return
-        except _wire.WireClosed:
-            pass  # it never read this request, so nothing of it ran
-        self.idle_deaths.append(self._death())
-        self.start()
-        _wire.send_parts(self._req, kind, parts, deadline)
 
     def _death(self) -> str:
         """Describe how the worker died while nothing was asked of it."""
@@ -461,6 +508,9 @@ class Worker:
 
     def _release(self) -> None:
         self._kill()
+        if self._receipts is not None:
+            self._receipts.close()
+            self._receipts = None
         for f in self._files.values():
             f.close()
         self._files = {}

@@ -26,6 +26,9 @@ import pytest
 
 from pytest_subproc import _compat, _errors
 
+# Taken at import: a body that replaces pickle.loads must not break the tests after it.
+_loads = pickle.loads
+
 
 @dataclass(frozen=True)
 class CallSpecFacts:
@@ -161,7 +164,7 @@ def resolve(module: types.ModuleType, qualname: str, instance: Optional[bytes] =
     for cls_name in classes:
         owner = getattr(owner, cls_name)
     if classes:
-        owner = pickle.loads(instance) if instance is not None else owner()
+        owner = _loads(instance) if instance is not None else owner()
     return getattr(owner, name)
 
 
@@ -257,7 +260,7 @@ def unsendable(values: dict[str, bytes]) -> dict[str, str]:
     failed = {}
     for name, data in values.items():
         try:
-            pickle.loads(data)
+            _loads(data)
         except Exception as exc:
             failed[name] = f"{type(exc).__name__}: {exc}"
     return failed
@@ -267,7 +270,7 @@ def _call(spec: BodySpec, code: Optional[bytes]) -> Optional[str]:
     _compat.install_assert_explanations(spec.verbosity)
     module = import_test_module(spec.module_name, spec.module_path, code)
     function = resolve(module, spec.qualname, spec.instance)
-    kwargs = {name: pickle.loads(data) for name, data in spec.values.items()}
+    kwargs = {name: _loads(data) for name, data in spec.values.items()}
     with contextlib.ExitStack() as stack:
         kwargs.update(_counterparts(spec, stack))
         result = function(**kwargs)

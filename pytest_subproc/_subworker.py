@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 
 from pytest_subproc._child import check_name
 from pytest_subproc._process import Reply, Worker
+from pytest_subproc._settings import usable_timeout
 from pytest_subproc._wire import Kind
 
 
@@ -27,12 +28,12 @@ def _named(source: str) -> tuple[str, str]:
 
 
 def check_timeout(timeout: object) -> Optional[float]:
-    """Return a valid per-call timeout, or raise ValueError."""
+    """Return a valid per-call timeout (None beyond any wait's reach), or raise ValueError."""
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
-    return float(timeout)
+    return usable_timeout(timeout)
 
 
 def relay_output(reply: Reply) -> None:

@@ -4,8 +4,7 @@ Spawning a worker costs a fresh interpreter and ``import pytest``; forking a
 template that has both already costs a few milliseconds. The template is a
 spawned process of its own (pytest never forks), and since the workers are
 its children, it reports their exit codes, and it alone signals them: pytest
-asks it to. A template started ``bare`` imports nothing of pytest's and keeps
-one worker, which then starts as fresh as a spawned interpreter.
+asks it to. A spawned worker is the only worker of a template of its own.
 """
 
 from __future__ import annotations
@@ -59,8 +58,8 @@ def fork_supported() -> bool:
 class Template:
     """A template process, started on first use and restarted if it dies."""
 
-    def __init__(self, env: dict[str, str], cwd: str, *, bare: bool = False) -> None:
-        self._env, self._cwd, self._bare = env, cwd, bare
+    def __init__(self, env: dict[str, str], cwd: str) -> None:
+        self._env, self._cwd = env, cwd
         self._proc: Optional[subprocess.Popen[bytes]] = None
         self._pidfd = -1
         self._sock: Optional[socket.socket] = None
@@ -102,7 +101,7 @@ class Template:
         cmd = [sys.executable, "-u", "-m", "pytest_subproc._zygote", str(theirs.fileno())]
         try:
             self._proc = subprocess.Popen(
-                cmd + (["bare"] if self._bare else []),
+                cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=self._output,
                 stderr=self._output,

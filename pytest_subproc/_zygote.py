@@ -1,13 +1,12 @@
 """The template process (runs there): imported once, forked into workers on request.
 
 Its peer in the pytest process is ``_template``. Started as ``python -m
-pytest_subproc._zygote CTRL [bare]`` where CTRL is one end of a socket pair
-to pytest. It imports what a worker needs (pytest included, unless ``bare``),
-then waits. Asked to fork, it receives the new worker's fds over the socket,
-forks, and tells pytest the new pid; when a worker exits it reaps it and
-sends the exit code, which pytest cannot get itself (the worker is not its
-child). A ``bare`` template keeps a single spawned worker: it imports nothing
-of pytest's, so that worker starts as fresh as a spawned interpreter.
+pytest_subproc._zygote CTRL`` where CTRL is one end of a socket pair to
+pytest. It imports what a worker needs (pytest included) before it moves to
+the user's folder, so nothing there can shadow those modules; then it waits.
+Asked to fork, it receives the new worker's fds over the socket, forks, and
+tells pytest the new pid; when a worker exits it reaps it and sends the exit
+code, which pytest cannot get itself (the worker is not its child).
 
 Only this process signals its workers, and only before it has reaped them:
 until then a worker's pid and process group id cannot belong to anyone else,
@@ -39,8 +38,8 @@ from typing import Any, Callable, Optional
 from pytest_subproc import _child
 
 # The fds of one worker, in the order they travel: requests, replies,
-# lifeline, faulthandler file, stdout, stderr.
-MAX_FDS = 6
+# lifeline, faulthandler file, receipts, stdout, stderr.
+MAX_FDS = 7
 # A message is one datagram of a socket pair, which Linux caps near 200 KiB.
 MAX_MESSAGE = 180 * 1024
 # Imported once here rather than in every worker.
@@ -299,7 +298,7 @@ def _become_worker(keeper: Keeper, message: dict[str, Any], fds: list[int]) -> N
             os.close(fd)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        req, rep, life, fault, out, err = fds
+        *own, out, err = fds
         for target, fd in ((1, out), (2, err)):
             os.dup2(fd, target)
             os.close(fd)
@@ -309,7 +308,7 @@ def _become_worker(keeper: Keeper, message: dict[str, Any], fds: list[int]) -> N
             os.chdir(message["cwd"])
         # The parent's sys.path only now: the worker's own imports are done.
         sys.path[:] = message["path"]
-        _child.serve_worker(req, rep, life, fault)
+        _child.serve_worker(*own)
         code = 0
     except BaseException:
         with contextlib.suppress(BaseException):
@@ -330,8 +329,7 @@ def main(argv: list[str]) -> None:
         os.set_inheritable(ctrl.fileno(), False)
         _child.own_group()
         become_subreaper()
-        if argv[2:] != ["bare"]:
-            _prepare()
+        _prepare()
         if cwd is not None:
             with contextlib.suppress(OSError):
                 os.chdir(cwd)

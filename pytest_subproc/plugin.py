@@ -140,7 +140,7 @@ def _scoped_worker(request: pytest.FixtureRequest) -> Iterator[Worker]:
     try:
         yield worker
     finally:
-        runtime.retire(worker)
+        runtime.retire(worker, request.node.nodeid)
 
 
 @pytest.fixture(scope="session")

@@ -259,6 +259,12 @@ def test_defect_8_exit_code_survives(subworker):
     assert "worker crashed: exit code 3" in str(info.value)
 
 
+def test_a_timeout_beyond_any_wait_means_none(subworker):
+    subworker.run("x = 1", timeout=1e300)
+    subworker.run("x = 2", timeout=10**400)
+    assert subworker.load("x") == 2
+
+
 @pytest.mark.xfail(raises=pytest_subproc.WorkerCrashed, strict=True)
 def test_crash_is_an_expected_failure(subworker):
     subworker.run("import os; os.abort()")
@@ -320,7 +326,7 @@ def test_subworker_acceptance(pytester: pytest.Pytester, monkeypatch: pytest.Mon
         *INNER_ARGS, "-rA", "test_api.py", "test_scope_a.py", "test_scope_b.py",
         timeout=INNER_TIMEOUT,
     )  # fmt: skip
-    result.assert_outcomes(passed=25, failed=2, skipped=1, xfailed=1)
+    result.assert_outcomes(passed=26, failed=2, skipped=1, xfailed=1)
     lines = result.stdout.lines
     out = result.stdout.str()
 

@@ -347,3 +347,34 @@ def test_the_recorder_sees_what_it_should(tmp_path: Path) -> None:
     events = _events(tmp_path)
     assert [what for _, what, _, _ in events] == ["reap", "signal"]
     assert len(_late_signals(events)) == 1
+
+
+# The body ends its own template (through a pidfd, after checking that it is
+# still its parent), then waits to die with it.
+TEMPLATE_DIES = """
+import os, signal, time, pytest
+
+@pytest.mark.subprocess
+def test_1_ends_its_template():
+    parent = os.getppid()
+    fd = os.pidfd_open(parent)
+    assert os.getppid() == parent  # so the pidfd holds the template itself
+    signal.pidfd_send_signal(fd, signal.SIGKILL)
+    time.sleep(30)
+
+@pytest.mark.subprocess
+def test_2_next():
+    pass
+"""
+
+
+def test_a_worker_lost_with_its_template_says_its_status_is_unknown(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_template_dies=TEMPLATE_DIES)
+    result = run_inner(pytester, "-rA", timeout=60)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        ["*WorkerCrashed: worker crashed: an exit status nobody could learn*"]
+    )
+    result.stdout.no_fnmatch_line("*SIGKILL*")

@@ -169,6 +169,7 @@ def run_from_folder(pytester: pytest.Pytester, *args: str, timeout: float) -> py
     return result
 
 
+# One marked test per scope kind (shared and alone) and a plain one.
 SHADOWED_SUITE = """
 import pytest
 
@@ -448,22 +449,7 @@ def test_pytest_holding_more_than_1024_fds_runs_marked_tests(
     if hard != resource.RLIM_INFINITY and hard < 2048:
         pytest.skip(f"the hard limit on open files is {hard}")
     pytester.makeconftest(MANY_FDS_CONFTEST)
-    pytester.makepyfile(
-        test_fds="""
-        import pytest
-
-        @pytest.mark.subprocess
-        def test_marked():
-            pass
-
-        @pytest.mark.subprocess(scope="function")
-        def test_marked_alone():
-            pass
-
-        def test_plain():
-            pass
-        """
-    )
+    pytester.makepyfile(test_fds=SHADOWED_SUITE)
     result = run(pytester, f"--subprocess-start={start}", "-rA", timeout=INNER_TIMEOUT)
     result.assert_outcomes(passed=3)
     assert_nothing_internal(result, "*ValueError*", "*out of range*")

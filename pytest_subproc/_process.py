@@ -299,7 +299,8 @@ class Worker:
                     raise _wire.WireCorrupt(f"expected READY, got kind {kind}")
                 break
             except _wire.WireError as exc:
-                if not (retry and self._refused_for_a_thread()):
+                closed = isinstance(exc, _wire.WireClosed)
+                if not (retry and closed and self._refused_for_a_thread()):
                     self._fail_start(exc)
                 self._release()  # forked again, from a template without that thread
                 self.launch()
@@ -307,7 +308,10 @@ class Worker:
         self.starts += 1  # counted once serving: a worker forked ahead may never be
 
     def _refused_for_a_thread(self) -> bool:
-        return self._proc is not None and self.template is not None and self.template.tainted
+        proc, template = self._proc, self.template
+        if proc is None or template is None or proc.pid is not None:
+            return False  # reading the pid read the template's answers up to this fork
+        return template.tainted
 
     def _fail_start(self, cause: BaseException) -> None:
         proc, template = self._proc, self.template
@@ -443,7 +447,7 @@ class Worker:
         if killed:
             self._end(kill=True)
         stack = clean_stack(self._read("fault"))
-        msg = f"worker timed out after {timeout} s (pid {pid})"
+        msg = f"worker timed out after {timeout or 0:g} s (pid {pid})"
         if stack:
             msg += f"\n{stack.rstrip()}"
         return WorkerTimeout(msg, pid=pid, timeout=timeout or 0.0, stack=stack)

@@ -7,6 +7,7 @@ from pytest_subproc._exceptions import (
     WorkerStartError,
     WorkerTimeout,
 )
+from pytest_subproc.hookspecs import WorkerInfo
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ __all__ = [
     "ChildTraceException",
     "UnserializableException",
     "WorkerCrashed",
+    "WorkerInfo",
     "WorkerStartError",
     "WorkerTimeout",
     "__version__",

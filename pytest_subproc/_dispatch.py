@@ -8,7 +8,7 @@ import os
 import sys
 import unittest
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import pytest
 
@@ -59,6 +59,10 @@ class Runtime:
     restarts: int = 0
     live: list[Worker] = field(default_factory=list)
     casualties: list[tuple[str, str]] = field(default_factory=list)
+    # The crashes and timeouts of marked tests, until their hooks are called.
+    crashed: list[tuple[pytest.Item, Union[WorkerCrashed, WorkerTimeout]]] = field(
+        default_factory=list
+    )
     template: Optional[Template] = None
     # Forked ahead, oldest first, to be the next modules' or tests' workers.
     spares: list[Worker] = field(default_factory=list)
@@ -201,6 +205,13 @@ class Runtime:
             unsendable(item, name, f"cannot be rebuilt in the subprocess worker: {why}")
         worker.checked.update((n, hash(v)) for n, v in new.items())
 
+    def start(self, item: pytest.Function) -> Worker:
+        """Start the item's worker unless it runs, and return it."""
+        __tracebackhide__ = True
+        worker = _worker_of(item)
+        self._start(item, worker)
+        return worker
+
     def run(self, item: pytest.Function) -> None:
         """Run the item's body in its worker and raise what it raised."""
         __tracebackhide__ = True
@@ -264,6 +275,7 @@ class Runtime:
             first, newline, rest = str(error).partition("\n")
             error.args = (f"{first} ({when}){newline}{rest}", *error.args[1:])
         self.casualties.append((item.nodeid, str(error).partition("\n")[0]))
+        self.crashed.append((item, error))
         error.__traceback__ = stack_traceback(error.stack, item)
 
     def _lost(

@@ -69,3 +69,15 @@ class WorkerTimeout(TimeoutError):
         self.pid = pid
         self.timeout = timeout
         self.stack = stack
+
+
+# Printed and pickled by the name users import them by, not by this private module.
+for _public in (
+    ChildTraceException,
+    UnserializableException,
+    WorkerStartError,
+    WorkerCrashed,
+    WorkerTimeout,
+):
+    _public.__module__ = "pytest_subproc"
+del _public

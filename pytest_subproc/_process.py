@@ -208,6 +208,10 @@ class Worker:
         self.starts = 0  # processes that said READY: one, plus one per replacement
         # Deaths noticed between requests ("signal SIGKILL (pid 12)"), for the summary.
         self.idle_deaths: list[str] = []
+        # ("started", pid, None) and ("ended", pid, exit code) of each serving process,
+        # in order, until pytest's side takes them to call the plugin's hooks.
+        self.events: list[tuple[str, int, Optional[int]]] = []
+        self._serving: Optional[int] = None  # the pid of a process said started, not ended
         # Test modules this worker was sent (so their code need not travel again),
         # and fixture values it has shown it can rebuild, as (name, hash of the bytes).
         self.modules: set[str] = set()
@@ -306,6 +310,14 @@ class Worker:
                 self.launch()
         self._ready = True
         self.starts += 1  # counted once serving: a worker forked ahead may never be
+        self._serving = self.pid or 0
+        self.events.append(("started", self._serving, None))
+
+    def _ended(self, code: Optional[int]) -> None:
+        """Note the end of the process that was serving, once."""
+        if self._serving is not None:
+            self.events.append(("ended", self._serving, code))
+            self._serving = None
 
     def _refused_for_a_thread(self) -> bool:
         proc, template = self._proc, self.template
@@ -489,6 +501,7 @@ class Worker:
         if kill:
             proc.kill()
         code = proc.wait(REAP_WAIT) if proc.exited(REAP_WAIT) else None
+        self._ended(code)
         if code is None:
             self._kill()  # not gone after all, or gone with its template
         self._close_pipes()
@@ -500,6 +513,7 @@ class Worker:
         if proc is not None and proc.returncode is None:
             proc.kill()
             proc.forget()
+            self._ended(proc.returncode)
         self._close_pipes()
 
     def _close_pipes(self) -> None:

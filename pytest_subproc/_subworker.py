@@ -52,8 +52,12 @@ class Subworker:
     report its death, after which the next call gets a fresh worker.
     """
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(
+        self, worker: Worker, after: Optional[Callable[[Worker, object], None]] = None
+    ) -> None:
         self._worker = worker
+        # Told of each request's error (None for none): it lists crashes, calls hooks.
+        self._after = after
 
     @property
     def pid(self) -> Optional[int]:
@@ -67,7 +71,10 @@ class Subworker:
 
     def restart(self) -> None:
         """Replace the worker with a fresh process."""
-        self._worker.restart()
+        try:
+            self._worker.restart()
+        finally:
+            self._done(None)
 
     def run(self, source: str, *, timeout: Optional[float] = None) -> None:
         """Execute ``source`` (dedented) in the worker's persistent namespace."""
@@ -101,9 +108,23 @@ class Subworker:
 
     def _request(self, kind: Kind, args: tuple[Any, ...], timeout: Optional[float]) -> Any:
         __tracebackhide__ = True
-        reply = self._worker.request(kind, args, timeout=check_timeout(timeout))
+        timeout = check_timeout(timeout)
+        try:
+            self._worker.start()
+        finally:
+            self._done(None)  # a worker that just started, before the request
+        reply = None
+        try:
+            reply = self._worker.request(kind, args, timeout=timeout)
+        finally:
+            self._done(None if reply is None else reply.error)
         relay_output(reply)
         return reply.unwrap()
+
+    def _done(self, error: object) -> None:
+        __tracebackhide__ = True
+        if self._after is not None:
+            self._after(self._worker, error)
 
     def __repr__(self) -> str:
         state = "alive" if self.alive else "not running"

@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Generator, Iterator
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 
-from pytest_subproc import _compat, _dispatch, _report, _settings, _spec
+from pytest_subproc import _compat, _dispatch, _events, _report, _settings, _spec, _summary
 from pytest_subproc._dispatch import Runtime
-from pytest_subproc._exceptions import ChildTraceException, WorkerStartError
+from pytest_subproc._exceptions import (
+    ChildTraceException,
+    WorkerCrashed,
+    WorkerStartError,
+    WorkerTimeout,
+)
 from pytest_subproc._process import Worker
 from pytest_subproc._subworker import Subworker
 
 RUNTIME = pytest.StashKey[Runtime]()
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from pytest_subproc import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -49,7 +61,10 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     runtime = config.stash.get(RUNTIME, None)
     if runtime is not None:
+        live = list(runtime.live)
         runtime.close_all()
+        for worker in live:
+            _events.announce(config, worker)
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:
@@ -80,7 +95,11 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
     if _is_isolated(item):
         assert isinstance(item, pytest.Function)
         item.stash[_spec.SPEC] = _spec.build_spec(item, item.config.stash[RUNTIME].verbosity)
-        item.config.stash[RUNTIME].check_values(item)
+        runtime = item.config.stash[RUNTIME]
+        try:
+            runtime.check_values(item)
+        finally:
+            _announce(item, runtime)
         _spec.warn_parent_patches(item)
     return result
 
@@ -89,13 +108,24 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Optional[bool]:
     if not _is_isolated(pyfuncitem):
         return None
+    runtime = pyfuncitem.config.stash[RUNTIME]
     try:
-        pyfuncitem.config.stash[RUNTIME].run(pyfuncitem)
+        runtime.start(pyfuncitem)
+        _announce(pyfuncitem, runtime)  # a worker that just started, before the body runs
+        runtime.run(pyfuncitem)
     finally:
         # Not needed again; kept for every test of a run, the specs would be
         # a tenth of the heap the garbage collector walks.
         del pyfuncitem.stash[_spec.SPEC]
+        _announce(pyfuncitem, runtime)
     return True
+
+
+def _announce(item: pytest.Item, runtime: Runtime) -> None:
+    """Call the plugin's hooks for what became of the item's worker."""
+    worker = item.funcargs.get(_dispatch.worker_fixture(item.stash[_dispatch.SETTINGS].scope))  # type: ignore[attr-defined]
+    if isinstance(worker, Worker):
+        _events.announce(item.config, worker, runtime.crashed)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -110,10 +140,12 @@ def pytest_runtest_makereport(
     if isinstance(cause, ChildTraceException):
         exc.__cause__ = None  # type: ignore[union-attr]
     try:
-        return (yield)
+        report = yield
     finally:
         if isinstance(cause, ChildTraceException):
             exc.__cause__ = cause  # type: ignore[union-attr]
+    _summary.shorten_report(report, None if call.excinfo is None else call.excinfo.value)
+    return report
 
 
 def _warn_unshipped(item: pytest.Item, warning: Warning) -> None:
@@ -137,10 +169,14 @@ def _scoped_worker(request: pytest.FixtureRequest) -> Iterator[Worker]:
     except (WorkerStartError, OSError) as exc:
         # The error of the test that asked for the worker, shown there.
         raise runtime.start_failed(request._pyfuncitem, exc) from None
+    _events.serves(worker, request.scope)
     try:
         yield worker
     finally:
-        runtime.retire(worker, request.node.nodeid)
+        try:
+            runtime.retire(worker, request.node.nodeid)
+        finally:
+            _events.announce(request.config, worker)
 
 
 @pytest.fixture(scope="session")
@@ -165,17 +201,35 @@ def subworker(request: pytest.FixtureRequest) -> Subworker:
     if settings is None:
         settings = _settings.for_item(request.node, request.config.stash[RUNTIME].defaults)
     worker = request.getfixturevalue(_dispatch.worker_fixture(settings.scope))
-    return Subworker(worker)
+    runtime = request.config.stash[RUNTIME]
+    return Subworker(worker, after=functools.partial(_after_request, request.node, runtime))
+
+
+def _after_request(item: pytest.Item, runtime: Runtime, worker: Worker, error: object) -> None:
+    """List a crash or timeout of a ``subworker`` request, and call the hooks."""
+    crashed: list[_events.Casualty] = []
+    if isinstance(error, (WorkerCrashed, WorkerTimeout)):
+        what = str(error).partition("\n")[0]
+        runtime.casualties.append((item.nodeid, f"{what}, in a subworker request"))
+        crashed.append((item, error))
+    _events.announce(item.config, worker, crashed)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     runtime = terminalreporter.config.stash.get(RUNTIME, None)
-    if runtime is None or not (runtime.workers or runtime.casualties):
-        return
-    terminalreporter.write_sep("-", "subprocess workers")
-    for nodeid, what in runtime.casualties:
-        terminalreporter.write_line(f"{nodeid}: {what}")
-    terminalreporter.write_line(
-        f"workers started: {runtime.workers}, "
-        f"restarted after a crash or timeout: {runtime.restarts}"
-    )
+    if runtime is not None:
+        _summary.write(terminalreporter, runtime)
+
+
+@pytest.hookimpl(trylast=True)  # after the session's workers have been retired
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    runtime = session.config.stash.get(RUNTIME, None)
+    if runtime is not None:
+        _summary.send(session.config, runtime)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    runtime = node.config.stash.get(RUNTIME, None)
+    if runtime is not None:
+        _summary.receive(runtime, node)

@@ -91,7 +91,7 @@ def test_fixture_value_whose_rebuilding_hangs_or_crashes_is_a_setup_error(
     result.assert_outcomes(passed=1, errors=2)
     assert read_pids(pidlog).keys() == {"after"}  # neither body ran
     hang = section(result, "ERROR at setup of test_rebuilding_hangs")
-    assert "WorkerTimeout: worker timed out after 2.0 s" in hang
+    assert "WorkerTimeout: worker timed out after 2 s" in hang
     assert "(at setup, rebuilding fixture 'sleeps')" in hang
     crash = section(result, "ERROR at setup of test_rebuilding_crashes")
     assert "WorkerCrashed: worker crashed: exit code 3" in crash
@@ -101,7 +101,7 @@ def test_fixture_value_whose_rebuilding_hangs_or_crashes_is_a_setup_error(
     result.stdout.fnmatch_lines(
         [
             "*- subprocess workers -*",
-            "test_rebuilding.py::test_rebuilding_hangs: worker timed out after 2.0 s *"
+            "test_rebuilding.py::test_rebuilding_hangs: worker timed out after 2 s *"
             "(at setup, rebuilding fixture 'sleeps')",
             "test_rebuilding.py::test_rebuilding_crashes: worker crashed: exit code 3 *"
             "(at setup, rebuilding fixture 'exits')",

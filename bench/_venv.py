@@ -1,10 +1,11 @@
 """The suite benchmark's own environment, cached in ``bench/.venv-bench``.
 
 It holds the package under test (installed from a copy of the working tree, so
-the build leaves nothing in the repository), pytest-forked, and a pytest that
-pytest-forked supports. A new environment is built in a temporary directory
-beside the cache and moved into place only once complete, so an interrupted
-build never leaves a half-made cache. Only ``python -m ...`` is used from it,
+the build leaves nothing in the repository), pytest-forked, pytest-xdist (for
+the contention benchmark), and a pytest that pytest-forked supports. A new
+environment is built in a temporary directory beside the cache and moved into
+place only once complete, so an interrupted build never leaves a half-made
+cache. Only ``python -m ...`` is used from it,
 never its console scripts, whose first lines name the build directory.
 
 The cache is rebuilt when the interpreter, the requirements or
@@ -30,7 +31,7 @@ BENCH = ROOT / "bench"
 CACHE = BENCH / ".venv-bench"
 PACKAGE = "pytest_subproc"
 # pytest-forked fails every test on pytest 9.2 ("EXITED with status 3").
-REQUIREMENTS = ("pytest<9", "pytest-forked")
+REQUIREMENTS = ("pytest<9", "pytest-forked", "pytest-xdist")
 STAMP = "bench-stamp.json"
 PIP_TIMEOUT = 900
 
@@ -128,7 +129,7 @@ def ensure() -> Path:
             _call(_pip(python_in(CACHE), "--no-deps", "--force-reinstall", source), "pip install")
             (CACHE / STAMP).write_text(json.dumps(keys, indent=1))
         else:
-            progress("building bench/.venv-bench (package under test, pytest-forked)")
+            progress("building bench/.venv-bench (package under test, pytest-forked, pytest-xdist)")
             _build(source, keys)
     return python_in(CACHE)
 
@@ -151,7 +152,7 @@ def describe(python: Path) -> str:
     """The versions that matter in the environment of ``python``."""
     code = (
         "import importlib.metadata as m, platform\n"
-        "names = ('pytest', 'pytest-forked', 'pytest_subproc')\n"
+        "names = ('pytest', 'pytest-forked', 'pytest-xdist', 'pytest_subproc')\n"
         "def v(n):\n"
         "    try:\n"
         "        return m.version(n)\n"

@@ -10,6 +10,7 @@ benchmark.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import re
@@ -20,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from bench import _venv
 from bench._common import Row, fmt_ratio, fmt_seconds, last_lines, median, progress, table
@@ -60,13 +62,16 @@ CONFIGS = (
 
 # How a run is timed: what pytest reports, its test phase alone, the wall clock.
 MEASURES = ("pytest", "tests", "wall")
+# Also kept: the session, from its start to the end of pytest_unconfigure (so
+# closing the workers is in), to the microsecond where pytest reports 10 ms.
+ALL_MEASURES = (*MEASURES, "session")
 
 
 @dataclass
 class Result:
     """The runs of one configuration: times in seconds by measure, or why it failed."""
 
-    times: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in MEASURES})
+    times: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in ALL_MEASURES})
     error: str | None = None
 
     @property
@@ -84,12 +89,25 @@ import time
 
 import pytest
 
+_session_start = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    _session_start.append(time.perf_counter())
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtestloop(session):
     start = time.perf_counter()
     yield
     print(f"\\nbench-test-phase: {time.perf_counter() - start:.6f}")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if _session_start:
+        print(f"\\nbench-session: {time.perf_counter() - _session_start[0]:.6f}")
 """
 
 
@@ -109,12 +127,19 @@ def write_suite(directory: Path, marker: str, tests: int) -> None:
 
 _SUMMARY = re.compile(r"(\d+) passed.* in (\d+(?:\.\d+)?)s")
 _TEST_PHASE = re.compile(r"^bench-test-phase: (\d+\.\d+)$", re.MULTILINE)
+_SESSION = re.compile(r"^bench-session: (\d+\.\d+)$", re.MULTILINE)
 
 
 def run_pytest(
     python: Path, directory: Path, args: tuple[str, ...], env: dict[str, str], timeout: float
 ) -> tuple[float, str, int]:
-    """Run pytest in ``directory``; return (wall seconds, output, exit code or -1 on timeout)."""
+    """Run pytest in ``directory``; return (wall seconds, output, exit code or -1 on timeout).
+
+    Interrupted (Ctrl-C, or SIGTERM, which ``run.py`` turns into an
+    exception), pytest and everything in its session are killed before the
+    exception goes on; killed outright, this process takes pytest with it on
+    Linux, and pytest's own children see their parent go.
+    """
     cmd = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
     # Output to a file, not a pipe: a straggling grandchild cannot block the read.
     with tempfile.TemporaryFile() as out:
@@ -127,15 +152,42 @@ def run_pytest(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_DIE_WITH_PARENT,
         )
         try:
             code = proc.wait(timeout)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             code = -1
+        except BaseException:
+            _kill_group(proc)
+            raise
         wall = time.perf_counter() - start
         out.seek(0)
         return wall, out.read().decode("utf-8", "replace"), code
+
+
+def _death_signal() -> Callable[[], None] | None:
+    """A function for a child to call before exec, so it is killed when its parent dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def die_with_parent() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # it died before the call above
+            os._exit(1)
+
+    return die_with_parent
+
+
+_PR_SET_PDEATHSIG = 1
+_DIE_WITH_PARENT = _death_signal()
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -148,21 +200,31 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def measure(
-    config: Config, python: Path, directory: Path, env: dict[str, str], tests: int, into: Result
+    config: Config,
+    python: Path,
+    directory: Path,
+    env: dict[str, str],
+    tests: int,
+    into: Result,
+    extra: tuple[str, ...] = (),
 ) -> None:
+    """Run ``config`` once (with ``extra`` arguments) and add its times to ``into``."""
     timeout = 120.0 + tests * 1.0
-    wall, output, code = run_pytest(python, directory, config.args, env, timeout)
+    wall, output, code = run_pytest(python, directory, config.args + extra, env, timeout)
     if code == -1:
         into.error = f"timed out after {timeout:.0f} s: {last_lines(output)}"
         return
-    summary = _SUMMARY.search(output.strip().splitlines()[-1] if output.strip() else "")
-    phase = _TEST_PHASE.search(output)
-    if code != 0 or summary is None or phase is None or int(summary.group(1)) != tests:
+    # pytest's summary line, then the session's time printed at unconfigure.
+    summary = _SUMMARY.search("\n".join(output.strip().splitlines()[-3:]))
+    # The last ones: pytest's own (the controller's, under xdist) come at the end.
+    phases, sessions = _TEST_PHASE.findall(output), _SESSION.findall(output)
+    if code != 0 or summary is None or not (phases and sessions) or int(summary.group(1)) != tests:
         into.error = f"exit code {code}: {last_lines(output)}"
         return
     into.times["pytest"].append(float(summary.group(2)))
-    into.times["tests"].append(float(phase.group(1)))
+    into.times["tests"].append(float(phases[-1]))
     into.times["wall"].append(wall)
+    into.times["session"].append(float(sessions[-1]))
 
 
 def _environment() -> tuple[Path, dict[str, str], str]:

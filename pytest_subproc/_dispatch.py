@@ -104,7 +104,7 @@ class Runtime:
     def warm_up(self) -> None:
         """Start the template now (without waiting), if workers will be forked."""
         if self.template is None and self.defaults.start == "fork":
-            self.template = Template(child_env(), PACKAGE_ROOT)
+            self.template = Template(child_env(), PACKAGE_ROOT, self.defaults.preload)
         if self.template is not None:
             self.template.launch()
 
@@ -145,7 +145,7 @@ class Runtime:
         return worker
 
     def _worker(self) -> Worker:
-        worker = Worker(capture=self.capture, template=self.template)
+        worker = Worker(capture=self.capture, template=self.template, warm=self.defaults.preload)
         self.live.append(worker)
         return worker
 

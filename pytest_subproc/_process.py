@@ -200,8 +200,10 @@ class Worker:
         capture: bool = True,
         start_timeout: float = START_TIMEOUT,
         template: Optional[Template] = None,
+        warm: tuple[str, ...] = (),
     ) -> None:
         self.capture = capture
+        self.warm = warm  # modules a template of our own imports first
         self.start_timeout = start_timeout
         self.template = template
         self._own_template = template is None
@@ -284,7 +286,7 @@ class Worker:
         if self._own_template:
             if self.template is not None:
                 self.template.close()
-            self.template = Template(child_env(), PACKAGE_ROOT)
+            self.template = Template(child_env(), PACKAGE_ROOT, self.warm)
         assert self.template is not None
         if self.template.tainted:
             self.template.close()  # it has a thread: a new one, which will not import that

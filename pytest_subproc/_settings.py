@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import pytest
 
 from pytest_subproc._template import fork_supported
+from pytest_subproc._zygote import thread_count
 
 MARKER = "subprocess"
 SCOPES = ("session", "module", "function")
@@ -32,6 +35,10 @@ START_HELP = (
 TIMEOUT_HELP = (
     "Timeout in seconds for one test body run in a subprocess worker "
     f"(default: none; over {MAX_TIMEOUT:.0f}, about 23 days, counts as none)."
+)
+PRELOAD_HELP = (
+    "Modules to import once in the template process the workers are forked from, "
+    "so that every worker starts with them (ini: separated by whitespace)."
 )
 MARKER_HELP = (
     "subprocess(scope='module', timeout=None): run the test body in a warm subprocess "
@@ -123,6 +130,7 @@ class Defaults:
     scope: str
     timeout: Optional[float]
     start: str = "fork"
+    preload: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Defaults:
@@ -133,6 +141,12 @@ class Defaults:
             scope=_option(config, "scope", parse_scope, DEFAULT_SCOPE),
             timeout=_option(config, "timeout", parse_timeout, None),
             start=_option(config, "start", parse_start, default_start()),
+            preload=parse_preload(
+                [
+                    *config.getini("subprocess_preload"),
+                    *(config.getoption("subprocess_preload") or ()),
+                ]
+            ),
         )
 
 
@@ -142,6 +156,38 @@ def _option(config: pytest.Config, name: str, parse: Any, default: Any) -> Any:
         return parse(value, f"--subprocess-{name}")
     raw = config.getini(f"subprocess_{name}")
     return parse(raw, f"ini subprocess_{name}") if raw else default
+
+
+def parse_preload(names: list[str]) -> tuple[str, ...]:
+    """Return the module names to preload, each once, or raise a UsageError naming a bad one."""
+    for name in names:
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise pytest.UsageError(f"subprocess_preload: {name!r} is not a module name")
+    return tuple(dict.fromkeys(names))
+
+
+def check_preload(names: tuple[str, ...]) -> None:
+    """Import each module here first: one that fails, or starts a thread, is a UsageError.
+
+    Workers are forked from a process that has imported them, and a process
+    with threads cannot be forked safely. A module imported here already
+    cannot be seen to start a thread; the template refuses to fork then.
+    """
+    for name in names:
+        fresh, threads = name not in sys.modules, thread_count()
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise pytest.UsageError(
+                f"subprocess_preload: cannot import {name!r}: {type(exc).__name__}: {exc}"
+            ) from None
+        if fresh and thread_count() > threads:
+            raise pytest.UsageError(
+                f"subprocess_preload: importing {name!r} starts a thread, and workers are "
+                "forked from the process that imports it: a process with threads cannot be "
+                "forked safely. Import it in the tests instead, or keep it from starting a "
+                "thread at import (for a BLAS, set OPENBLAS_NUM_THREADS=1 or the like)."
+            )
 
 
 def for_item(item: pytest.Item, defaults: Defaults) -> Settings:

@@ -58,8 +58,9 @@ def fork_supported() -> bool:
 class Template:
     """A template process, started on first use and restarted if it dies."""
 
-    def __init__(self, env: dict[str, str], cwd: str) -> None:
+    def __init__(self, env: dict[str, str], cwd: str, warm: tuple[str, ...] = ()) -> None:
         self._env, self._cwd = env, cwd
+        self._warm = warm  # modules to import before the first fork (subprocess_preload)
         self._proc: Optional[subprocess.Popen[bytes]] = None
         self._pidfd = -1
         self._sock: Optional[socket.socket] = None
@@ -118,6 +119,19 @@ class Template:
         self._pidfd = _pidfd(self._proc.pid)
         self._sock = ours  # its "ready" is read with the first answer
         HELD.add(ours.fileno())
+        if self._warm:
+            self._send_warm()
+
+    def _send_warm(self) -> None:
+        """Have the template import the warm modules, before any fork it is asked for.
+
+        With pytest's sys.path, where a project's own modules are found. If
+        the template cannot import one, it refuses every fork, saying why.
+        """
+        assert self._sock is not None
+        message = {"op": "warm", "modules": list(self._warm), "path": list(sys.path)}
+        with contextlib.suppress(OSError):  # the template is gone: the next fork says so
+            _zygote.send(self._sock, message)
 
     def fork(self, fds: list[int], env: dict[str, str], cwd: str) -> ForkedProcess:
         """Have a worker forked that takes ``fds``; its pid is read when first needed."""

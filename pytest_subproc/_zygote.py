@@ -141,6 +141,22 @@ def _preload(message: dict[str, Any]) -> str:
     return ""
 
 
+def _import_warm(name: str, path: list[str]) -> str:
+    """Import a module with pytest's sys.path; say why it failed, if it did."""
+    ours = list(sys.path)
+    sys.path[:] = path
+    try:
+        importlib.import_module(name)
+    except BaseException as exc:  # any failure: reported with each refused fork
+        return (
+            f"the worker template could not import {name!r} (subprocess_preload): "
+            f"{type(exc).__name__}: {exc}"
+        )
+    finally:
+        sys.path[:] = ours
+    return ""
+
+
 def _exit_code(status: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
@@ -164,9 +180,13 @@ class Keeper:
         os.set_blocking(self.wake_w, False)
         # Why forking is no longer safe here (a thread was started), if it is not.
         self.unsafe = ""
+        # Why no worker can be forked from here at all: a warm module failed to
+        # import, or started a thread.
+        self.broken = ""
         self.handlers: dict[str, Callable[[dict[str, Any], list[int]], None]] = {
             "fork": self.on_fork,
             "import": self.on_import,
+            "warm": self.on_warm,
             "kill": self.on_kill,
         }
 
@@ -203,13 +223,32 @@ class Keeper:
         return True
 
     def on_import(self, message: dict[str, Any], fds: list[int]) -> None:
+        if self.broken:  # no fork will follow: no test module to import for one
+            self.answer(("imported", message["path"], "", ""))
+            return
         error = _preload(message)
         if thread_count() > 1:
             self.unsafe = f"importing {message['path']} started a thread"
         self.answer(("imported", message["path"], error, self.unsafe))
 
+    def on_warm(self, message: dict[str, Any], fds: list[int]) -> None:
+        """Import the run's warm modules (subprocess_preload), so every worker starts with them."""
+        for name in message["modules"]:
+            self.broken = _import_warm(name, message["path"])
+            if self.broken:
+                return
+            if thread_count() > 1:
+                self.broken = (
+                    f"importing {name!r} (subprocess_preload) started a thread, and a "
+                    "process with threads cannot be forked safely"
+                )
+                return
+
     def on_fork(self, message: dict[str, Any], fds: list[int]) -> None:
         try:
+            if self.broken:
+                self.answer(("refused", self.broken))
+                return
             if thread_count() > 1:
                 # A fork copies one thread; a lock another held stays locked forever.
                 self.answer(("refused", self.unsafe or "the template has started a thread"))

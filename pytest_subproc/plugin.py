@@ -42,16 +42,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=("fork", "spawn"),
         help=_settings.START_HELP,
     )
+    group.addoption(
+        "--subprocess-preload",
+        action="append",
+        dest="subprocess_preload",
+        metavar="MODULE",
+        help=_settings.PRELOAD_HELP + " Repeatable; added to the ini's.",
+    )
     # Parsed by _settings, so a bad value is a usage error naming the key.
     parser.addini("subprocess_all", _settings.ALL_HELP, default="")
     parser.addini("subprocess_scope", _settings.SCOPE_HELP, default="")
     parser.addini("subprocess_timeout", _settings.TIMEOUT_HELP, default="")
     parser.addini("subprocess_start", _settings.START_HELP, default="")
+    parser.addini("subprocess_preload", _settings.PRELOAD_HELP, type="args", default=[])
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", _settings.MARKER_HELP)
     config.stash[RUNTIME] = Runtime.from_config(config)
+    _settings.check_preload(config.stash[RUNTIME].defaults.preload)
     # Workers reuse the test modules' rewritten code instead of rewriting them again.
     kept = contextlib.ExitStack()
     kept.enter_context(_compat.rewritten_modules_kept())

@@ -24,7 +24,14 @@ DEFAULT_SCOPE = "module"
 MAX_TIMEOUT = 2_000_000.0
 
 # Help texts shared by the command line options and the ini keys.
-ALL_HELP = "Run every Python test function in a subprocess worker."
+ALL_HELP = (
+    "Run every test in a worker (module-scoped by default: tests of a module share one; "
+    "see --subprocess-scope)."
+)
+ALL_INI_HELP = (
+    "Bool (true/false): run every test in a worker (module-scoped by default: tests of "
+    "a module share one; see subprocess_scope)."
+)
 SCOPE_HELP = (
     "Life of a subprocess worker: 'session', 'module' (default) or 'function' (one per test)."
 )

@@ -50,7 +50,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help=_settings.PRELOAD_HELP + " Repeatable; added to the ini's.",
     )
     # Parsed by _settings, so a bad value is a usage error naming the key.
-    parser.addini("subprocess_all", _settings.ALL_HELP, default="")
+    parser.addini("subprocess_all", _settings.ALL_INI_HELP, default="")
     parser.addini("subprocess_scope", _settings.SCOPE_HELP, default="")
     parser.addini("subprocess_timeout", _settings.TIMEOUT_HELP, default="")
     parser.addini("subprocess_start", _settings.START_HELP, default="")

@@ -485,11 +485,14 @@ def test_help_shows_options_and_ini_keys(
     assert result.ret == 0
     result.stdout.fnmatch_lines_random(
         [
-            "*--subprocess *Run every Python test function in a subprocess worker*",
+            "*--subprocess *Run every test in a worker (module-scoped by default:*",
             "*--subprocess-scope=*",
             "*--subprocess-timeout=*",
+            "*--subprocess-preload=MODULE*",
             "*subprocess_all (*):*",
+            "*Bool (true/false): run every test in a worker*",
             "*subprocess_scope (*):*",
             "*subprocess_timeout (*):*",
+            "*subprocess_preload (*):*",
         ]
     )

@@ -1,4 +1,4 @@
-"""Acceptance tests: the plugin's own hooks, and the account of the workers a run prints.
+"""Acceptance tests: the plugin's own hooks, and how a run reports its workers.
 
 A conftest implementing ``pytest_subprocess_worker_started``, ``_crashed``
 and ``_closed`` logs what it is told to a file; the tests compare that log
@@ -114,6 +114,36 @@ def test_hooks_tell_each_start_crash_timeout_and_close(
     assert_gone(int(pid) for pid in started)
 
 
+def test_a_crash_while_fixture_values_are_rebuilt_is_told(
+    pytester: pytest.Pytester, hooklog: Path
+) -> None:
+    pytester.makepyfile(
+        test_setup="""
+        import os
+        import pytest
+
+        class Exits:
+            def __reduce__(self):
+                return (os._exit, (3,))
+
+        @pytest.fixture
+        def exits():
+            return Exits()
+
+        @pytest.mark.subprocess
+        def test_rebuilding_crashes(exits):
+            pass
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(errors=1)
+    log = read_log(hooklog)
+    assert [w[:3] for w in log if w[0] == "crashed"] == [
+        ["crashed", "test_rebuilding_crashes", "WorkerCrashed"]
+    ]
+    assert [w[3] for w in log if w[0] == "closed"] == ["3"]
+
+
 def test_a_hook_that_raises_fails_the_test_and_leaves_no_worker(
     pytester: pytest.Pytester, hooklog: Path
 ) -> None:
@@ -215,3 +245,64 @@ def test_one_summary_under_xdist_lists_every_casualty(pytester: pytest.Pytester)
         ["test_many.py::test_drives_a_worker: worker crashed: exit code 5 (pid *), in a subworker*"]
     )
     result.stdout.fnmatch_lines(["workers started: *, restarted after a crash or timeout: *"])
+
+
+SUBWORKER_MISTAKES = """
+import threading
+
+
+class NoWayBack:
+    def __reduce__(self):
+        raise TypeError("no way back")
+
+
+def test_call_of_a_lambda(subworker):
+    subworker.call(lambda: 1)
+
+
+def test_store_of_a_lock(subworker):
+    subworker.store("lock", threading.Lock())
+
+
+def test_load_of_a_missing_name(subworker):
+    subworker.load("nope")
+
+
+def test_run_of_bad_syntax(subworker):
+    subworker.run("x = = 1")
+
+
+def test_call_whose_answer_cannot_come_back(subworker):
+    subworker.run("import test_mistakes")
+    subworker.call(NoWayBack)
+"""
+
+
+def test_subworker_mistakes_show_the_call_site_and_a_sentence(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_mistakes=SUBWORKER_MISTAKES)
+    result = run(pytester, "-p", "no:randomly", "-rf")
+    result.assert_outcomes(failed=5)
+    result.stdout.fnmatch_lines(
+        [
+            ">       subworker.call(lambda: 1)",
+            "E       AttributeError: subworker.call cannot send "
+            "'test_call_of_a_lambda.<locals>.<lambda>' to the worker: a function travels "
+            "by reference, so it must be defined at the top level of a module*",
+            "test_mistakes.py:*: AttributeError",
+            '>       subworker.store("lock", threading.Lock())',
+            "E       TypeError: subworker.store cannot send the value to the worker: pickle "
+            "cannot pickle it (TypeError: cannot pickle '_thread.lock' object)",
+            '>       subworker.load("nope")',
+            "E       NameError: name 'nope' is not defined in the worker",
+            "test_mistakes.py:*: NameError",
+            '>       subworker.run("x = = 1")',
+            "E       SyntaxError: the source given to subworker.run does not compile: "
+            "invalid syntax (line 1: 'x = = 1')",
+            "test_mistakes.py:*: SyntaxError",
+        ]
+    )
+    result.stdout.fnmatch_lines(["FAILED *::test_run_of_bad_syntax - SyntaxError: the source*"])
+    out = result.stdout.str()
+    assert "_codec.py" not in out
+    assert "_child.py" not in out
+    assert "pytest_subproc._" not in out

@@ -98,6 +98,25 @@ def _plain(exc: BaseException) -> BaseException:
     return exc
 
 
+def _unsent(kind: Kind, args: tuple[Any, ...], exc: Exception) -> BaseException:
+    """Say why a request could not be pickled: most often, ``call`` of a lambda."""
+    fn = args[0] if kind == Kind.CALL else None
+    try:
+        pickle.dumps(fn, _codec.PROTOCOL)
+    except Exception:
+        return _retold(
+            exc,
+            f"subworker.call cannot send {getattr(fn, '__qualname__', fn)!r} to the worker: "
+            "a function travels by reference, so it must be defined at the top level of "
+            "a module (not a lambda, nor a function defined inside another)",
+        )
+    return _retold(
+        exc,
+        f"subworker.{kind.name.lower()} cannot send {_sent(kind)} to the worker: "
+        f"pickle cannot pickle it ({type(exc).__name__}: {exc})",
+    )
+
+
 def _sent(kind: Kind) -> str:
     return "the value" if kind == Kind.STORE else "the function or its arguments"
 
@@ -170,35 +189,23 @@ class Subworker:
         __tracebackhide__ = True
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        try:
-            pickle.dumps(fn, _codec.PROTOCOL)  # a name to look up: cheap, and the usual mistake
-        except Exception as exc:
-            raise _retold(
-                exc,
-                f"subworker.call cannot send {getattr(fn, '__qualname__', fn)!r} to the worker: "
-                "a function travels by reference, so it must be defined at the top level of "
-                "a module (not a lambda, nor a function defined inside another)",
-            ) from None
         return self._request(Kind.CALL, (fn, args, kwargs), timeout)
 
     def _request(self, kind: Kind, args: tuple[Any, ...], timeout: Optional[float]) -> Any:
         __tracebackhide__ = True
         timeout = check_timeout(timeout)
-        try:
-            self._worker.start()
-        finally:
-            self._done(None)  # a worker that just started, before the request
+        if self._after is not None:
+            try:
+                self._worker.start()
+            finally:
+                self._done(None)  # a worker that just started, before the request
         reply = None
         try:
             reply = self._worker.request(kind, args, timeout=timeout)
         except Exception as exc:
             if _pickling(exc.__traceback__, worker=False) != "dumps":
                 raise
-            raise _retold(
-                exc,
-                f"subworker.{kind.name.lower()} cannot send {_sent(kind)} to the worker: "
-                f"pickle cannot pickle it ({type(exc).__name__}: {exc})",
-            ) from None
+            raise _unsent(kind, args, exc) from None
         finally:
             self._done(None if reply is None else reply.error)
         relay_output(reply)

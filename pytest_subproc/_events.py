@@ -7,6 +7,7 @@ from typing import Callable, Optional, Union
 
 import pytest
 
+from pytest_subproc._dispatch import SETTINGS, Runtime, worker_fixture
 from pytest_subproc._exceptions import WorkerCrashed, WorkerTimeout
 from pytest_subproc._process import Worker
 from pytest_subproc.hookspecs import WorkerInfo
@@ -20,6 +21,23 @@ _SCOPES: weakref.WeakKeyDictionary[Worker, str] = weakref.WeakKeyDictionary()
 def serves(worker: Worker, scope: str) -> None:
     """Record the scope a worker serves, for the hooks to tell."""
     _SCOPES[worker] = scope
+
+
+def announce_for(item: pytest.Item, runtime: Runtime) -> None:
+    """Call the hooks for what became of a marked test's worker, and for its crash."""
+    worker = getattr(item, "funcargs", {}).get(worker_fixture(item.stash[SETTINGS].scope))
+    if isinstance(worker, Worker):
+        announce(item.config, worker, runtime.crashed)
+
+
+def after_request(item: pytest.Item, runtime: Runtime, worker: Worker, error: object) -> None:
+    """List a crash or timeout of a ``subworker`` request, and call the hooks."""
+    crashed: list[Casualty] = []
+    if isinstance(error, (WorkerCrashed, WorkerTimeout)):
+        what = str(error).partition("\n")[0]
+        runtime.casualties.append((item.nodeid, f"{what}, in a subworker request"))
+        crashed.append((item, error))
+    announce(item.config, worker, crashed)
 
 
 def announce(

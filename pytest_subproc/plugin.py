@@ -11,12 +11,7 @@ import pytest
 
 from pytest_subproc import _compat, _dispatch, _events, _report, _settings, _spec, _summary
 from pytest_subproc._dispatch import Runtime
-from pytest_subproc._exceptions import (
-    ChildTraceException,
-    WorkerCrashed,
-    WorkerStartError,
-    WorkerTimeout,
-)
+from pytest_subproc._exceptions import ChildTraceException, WorkerStartError
 from pytest_subproc._process import Worker
 from pytest_subproc._subworker import Subworker
 
@@ -108,7 +103,7 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
         try:
             runtime.check_values(item)
         finally:
-            _announce(item, runtime)
+            _events.announce_for(item, runtime)
         _spec.warn_parent_patches(item)
     return result
 
@@ -120,21 +115,14 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Optional[bool]:
     runtime = pyfuncitem.config.stash[RUNTIME]
     try:
         runtime.start(pyfuncitem)
-        _announce(pyfuncitem, runtime)  # a worker that just started, before the body runs
+        _events.announce_for(pyfuncitem, runtime)  # a worker just started: before the body
         runtime.run(pyfuncitem)
     finally:
         # Not needed again; kept for every test of a run, the specs would be
         # a tenth of the heap the garbage collector walks.
         del pyfuncitem.stash[_spec.SPEC]
-        _announce(pyfuncitem, runtime)
+        _events.announce_for(pyfuncitem, runtime)
     return True
-
-
-def _announce(item: pytest.Item, runtime: Runtime) -> None:
-    """Call the plugin's hooks for what became of the item's worker."""
-    worker = item.funcargs.get(_dispatch.worker_fixture(item.stash[_dispatch.SETTINGS].scope))  # type: ignore[attr-defined]
-    if isinstance(worker, Worker):
-        _events.announce(item.config, worker, runtime.crashed)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -211,17 +199,7 @@ def subworker(request: pytest.FixtureRequest) -> Subworker:
         settings = _settings.for_item(request.node, request.config.stash[RUNTIME].defaults)
     worker = request.getfixturevalue(_dispatch.worker_fixture(settings.scope))
     runtime = request.config.stash[RUNTIME]
-    return Subworker(worker, after=functools.partial(_after_request, request.node, runtime))
-
-
-def _after_request(item: pytest.Item, runtime: Runtime, worker: Worker, error: object) -> None:
-    """List a crash or timeout of a ``subworker`` request, and call the hooks."""
-    crashed: list[_events.Casualty] = []
-    if isinstance(error, (WorkerCrashed, WorkerTimeout)):
-        what = str(error).partition("\n")[0]
-        runtime.casualties.append((item.nodeid, f"{what}, in a subworker request"))
-        crashed.append((item, error))
-    _events.announce(item.config, worker, crashed)
+    return Subworker(worker, after=functools.partial(_events.after_request, request.node, runtime))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -2,8 +2,8 @@
 
 Each is called in the pytest process (never in a worker, never from a signal
 handler), once the plugin is back in control: before a marked test's body
-is sent to a worker that has just started, after the request that crashed
-or timed out, and after a worker has been closed. An exception in an
+or a ``subworker`` request is sent to a worker that has just started, after
+the request that crashed or timed out, and after a worker has ended. An exception in an
 implementation is reported like any hook error; the worker is still closed
 at the end of its scope.
 """
@@ -51,8 +51,8 @@ def pytest_subprocess_worker_crashed(
     """Called when a worker died, or was killed after a timeout, while it served ``item``.
 
     ``error`` is the ``WorkerCrashed`` or ``WorkerTimeout`` that the test
-    fails with (``error.pid``, ``error.exitcode``, ``error.signal``,
-    ``error.stack``, ``error.timeout``). ``item`` is the marked test whose
+    fails with: its ``pid`` and ``stack``, and ``exitcode`` and ``signal``
+    for a crash, ``timeout`` for a timeout. ``item`` is the marked test whose
     body, or whose fixture values at setup, the worker was running; for a
     request made through the ``subworker`` fixture, the test that made it.
     The next request gets a fresh worker.

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import pytest
 
 from pytest_subproc._dispatch import Runtime
-from pytest_subproc._exceptions import WorkerCrashed, WorkerTimeout
+from pytest_subproc._exceptions import WorkerCrashed, WorkerStartError, WorkerTimeout
 
 # The key of this plugin's part of an xdist worker's ``workeroutput``.
 OUTPUT_KEY = "pytest_subproc"
@@ -24,7 +24,7 @@ def what_happened(error: BaseException) -> str:
 
 def shorten_report(report: pytest.TestReport, error: Optional[BaseException]) -> None:
     """Have the short summary line name the exception and what happened, not the module."""
-    if not isinstance(error, (WorkerCrashed, WorkerTimeout)):
+    if not isinstance(error, (WorkerCrashed, WorkerTimeout, WorkerStartError)):
         return
     crash = getattr(report.longrepr, "reprcrash", None)
     if crash is not None and hasattr(crash, "message"):

@@ -137,8 +137,11 @@ def test_a_thread_the_pytest_process_could_not_see_refuses_every_fork(
         """,
     )
     pytester.makeconftest("import threader")
-    result = run(pytester)
+    result = run(pytester, "-rf")
     result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["FAILED test_refused.py::test_marked - WorkerStartError: the worker could not*"]
+    )
     result.stdout.fnmatch_lines(
         [
             "*WorkerStartError: the worker could not be started: importing 'threader' "

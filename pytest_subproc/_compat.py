@@ -1,236 +1,213 @@
 """Every use of pytest's private API, in one place, for pytest 7, 8 and 9.
 
-Worker side: counterparts of the built-in fixtures that act on the process a
-test runs in, and assertion explanations outside a pytest session. Parent
-side: the test function's own argument names and a monkeypatch's undo lists.
+All of it runs in the worker: making a config and session from arguments,
+collecting one file under the session's collectors, and running one phase
+of an item inside the wrappers pytest puts around a whole test.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import marshal
-import warnings
-from collections.abc import Iterator
+import socket
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Optional
 
 import pytest
 
-# Built-in fixtures whose value acts on the process the test runs in: the
-# worker builds its own instead of receiving the parent's.
-COUNTERPARTS = (
-    "monkeypatch",
-    "capsys",
-    "capsysbinary",
-    "capfd",
-    "capfdbinary",
-    "caplog",
-    "recwarn",
-    "request",
-)
+
+def parsed_config(args: list[str]) -> pytest.Config:
+    """Parse arguments, ini file, plugins and initial conftests as ``pytest`` does."""
+    from _pytest.config import _prepareconfig
+
+    return _prepareconfig(args)
 
 
-# The rewritten code of each test module pytest imported, marshalled, by path:
-# a worker need not rewrite the module again.
-_REWRITTEN: dict[str, bytes] = {}
+def quiet_plugins(config: pytest.Config) -> None:
+    """Stop what plugins started that a worker has no use for, and that forbids forking.
 
+    pytest-rerunfailures serves its xdist status database from a thread in
+    every run that has xdist installed; a worker never reruns anything.
+    """
+    db = getattr(config, "failures_db", None)
+    sock = getattr(db, "sock", None)
+    if not isinstance(sock, socket.socket):
+        return
+    from pytest_rerunfailures import StatusDB
 
-def _kept(path: Any, code: Any) -> None:
-    with contextlib.suppress(Exception):  # a code object marshal refuses: rewrite instead
-        _REWRITTEN[str(path)] = marshal.dumps(code)
-
-
-@contextlib.contextmanager
-def rewritten_modules_kept() -> Iterator[None]:
-    """Keep the code pytest's assertion rewriter produces or reads from its cache."""
-    from _pytest.assertion import rewrite
-
-    rewrite_test, read_pyc = rewrite._rewrite_test, rewrite._read_pyc
-
-    def kept_rewrite(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        result = rewrite_test(fn, *args, **kwargs)
-        _kept(fn, result[1])
-        return result
-
-    def kept_read(source: Any, *args: Any, **kwargs: Any) -> Any:
-        code = read_pyc(source, *args, **kwargs)
-        if code is not None:
-            _kept(source, code)
-        return code
-
-    rewrite._rewrite_test, rewrite._read_pyc = kept_rewrite, kept_read
+    config.failures_db = StatusDB()  # type: ignore[attr-defined]
+    server = [t for t in threading.enumerate() if t.daemon and t is not threading.current_thread()]
+    hook = threading.excepthook
+    threading.excepthook = lambda args: None  # its accept() fails: that is the point
     try:
-        yield
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        sock.close()
+        for thread in server:
+            thread.join(1.0)
     finally:
-        rewrite._rewrite_test, rewrite._read_pyc = rewrite_test, read_pyc
+        threading.excepthook = hook
 
 
-def rewritten_code(path: str) -> Optional[bytes]:
-    """The marshalled rewritten code of the test module at ``path``, if pytest made it."""
-    return _REWRITTEN.get(path)
+def share_dirs(config: pytest.Config, basetemp: Optional[str], cachedir: Optional[str]) -> None:
+    """Point ``tmp_path`` and ``cache`` at the parent's directories."""
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is not None and basetemp is not None:
+        # Set directly: a --basetemp would be emptied first, and it is the parent's.
+        factory._basetemp = Path(basetemp)
+    cache = getattr(config, "cache", None)
+    if cache is not None and cachedir is not None:
+        cache._cachedir = Path(cachedir)
 
 
-def function_argnames(item: pytest.Function) -> tuple[str, ...]:
-    """Return the names the test function itself takes (not autouse fixtures)."""
-    return tuple(item._fixtureinfo.argnames)
+def start_session(config: pytest.Config) -> pytest.Session:
+    """Make the session and start it, without a terminal to report to."""
+    config.pluginmanager.unregister(name="terminalreporter")
+    session = pytest.Session.from_config(config)
+    config.hook.pytest_sessionstart(session=session)
+    return session
 
 
-def monkeypatch_targets(mp: pytest.MonkeyPatch) -> list[str]:
-    """Describe the setattr/setitem/delattr patches a MonkeyPatch holds, bar os.environ."""
-    import os
+def collect_file(session: pytest.Session, path: Path) -> tuple[list[pytest.Item], list[str]]:
+    """Collect the items of one file, and the errors met on the way.
 
-    found = []
-    for obj, name, _ in getattr(mp, "_setattr", []):
-        found.append(f"{getattr(obj, '__name__', type(obj).__name__)}.{name}")
-    for mapping, key, _ in getattr(mp, "_setitem", []):
-        if mapping is not os.environ:  # the environment is sent to the worker
-            found.append(f"{type(mapping).__name__}[{key!r}]")
-    return found
-
-
-def _capture_fixture(kind: str) -> Any:
-    from _pytest import capture
-
-    classes = {
-        "capsys": capture.SysCapture,
-        "capsysbinary": capture.SysCaptureBinary,
-        "capfd": capture.FDCapture,
-        "capfdbinary": capture.FDCaptureBinary,
-    }
-
-    class WorkerCapture(capture.CaptureFixture):  # type: ignore[type-arg]
-        @contextlib.contextmanager
-        def disabled(self) -> Iterator[None]:
-            """Let output through to the worker's own output while inside the block."""
-            self._suspend()
-            try:
-                yield
-            finally:
-                self._resume()
-
-    return WorkerCapture(classes[kind], None, _ispytest=True)  # type: ignore[arg-type]
+    The directories above it are collected once per session, as in a run of
+    the whole suite, so package fixtures live across the files of a worker.
+    """
+    if not hasattr(session, "_collect_path"):  # pytest 7: a fresh tree per file
+        return _collected_by_args(session, path)
+    paths = [path]
+    for parent in path.parents:
+        if not session.config.pluginmanager._is_in_confcutdir(parent):
+            break
+        paths.insert(0, parent)
+    cache = session.stash.setdefault(_PATH_CACHE, {})
+    nodes: Sequence[Any] = session._collect_path(paths[0], cache)
+    errors: list[str] = []
+    for part in paths[1:]:
+        nodes = [n for node in nodes for n in _children(session, node, errors) if n.path == part]
+    items: list[pytest.Item] = []
+    for node in nodes:
+        items.extend(_items(session, node, errors))
+    return items, errors
 
 
-@contextlib.contextmanager
-def _capture(kind: str) -> Iterator[Any]:
-    fixture = _capture_fixture(kind)
-    fixture._start()
+_PATH_CACHE = pytest.StashKey[dict[Path, Sequence[Any]]]()
+
+
+def _children(session: pytest.Session, node: Any, errors: list[str]) -> Iterable[Any]:
+    if isinstance(node, pytest.Item):
+        return ()
+    rep, _ = session._collect_one_node(node)
+    if rep.failed:
+        errors.append(f"{node.nodeid}: {rep.longreprtext}")
+    return rep.result if rep.passed else ()
+
+
+def _items(session: pytest.Session, node: Any, errors: list[str]) -> Iterable[pytest.Item]:
+    if isinstance(node, pytest.Item):
+        yield node
+        return
+    for sub in _children(session, node, errors):
+        yield from _items(session, sub, errors)
+
+
+def _collected_by_args(session: pytest.Session, path: Path) -> tuple[list[pytest.Item], list[str]]:
     try:
-        yield fixture
-    finally:
-        fixture.close()
+        return list(session.perform_collect([str(path)])), []
+    except pytest.UsageError as exc:
+        return [], [str(exc)]
 
 
-class _LogItem:
-    """Just enough of an item for LogCaptureFixture: a stash with the handler."""
+class _Chain:
+    """Stands for the next item of this worker where it is not collected here yet.
 
-    def __init__(self, handler: Any) -> None:
-        from _pytest import logging as plog
+    Teardown only asks it for its chain of collectors, to keep those set up.
+    """
 
-        self.stash = pytest.Stash()
-        self.stash[plog.caplog_handler_key] = handler
-        self.stash[plog.caplog_records_key] = {"setup": [], "call": handler.records, "teardown": []}
+    def __init__(self, chain: list[Any]) -> None:
+        self.chain = chain
 
-
-@contextlib.contextmanager
-def _caplog() -> Iterator[Any]:
-    from _pytest import logging as plog
-
-    handler = plog.LogCaptureHandler()
-    with plog.catching_logs(handler):
-        fixture = plog.LogCaptureFixture(_LogItem(handler), _ispytest=True)  # type: ignore[arg-type]
-        try:
-            yield fixture
-        finally:
-            fixture._finalize()
+    def listchain(self) -> list[Any]:
+        return self.chain
 
 
-@contextlib.contextmanager
-def _recwarn() -> Iterator[Any]:
-    recorder = pytest.WarningsRecorder(_ispytest=True)
-    with recorder:
-        warnings.simplefilter("default")
-        yield recorder
-
-
-@contextlib.contextmanager
-def _monkeypatch() -> Iterator[pytest.MonkeyPatch]:
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
-
-
-def counterpart(kind: str) -> contextlib.AbstractContextManager[Any]:
-    """Return a context manager giving the worker-side counterpart of a built-in fixture."""
-    if kind in ("capsys", "capsysbinary", "capfd", "capfdbinary"):
-        return _capture(kind)
-    factories = {"caplog": _caplog, "recwarn": _recwarn, "monkeypatch": _monkeypatch}
-    return factories[kind]()
-
-
-class _ExplanationConfig:
-    """The part of pytest's Config that assertion explanations read."""
-
-    def __init__(self, verbosity: int) -> None:
-        self.verbosity = verbosity
-
-    def getoption(self, name: str, default: Any = None) -> Any:
-        return self.verbosity if name == "verbose" else default
-
-    def get_verbosity(self, verbosity_type: Any = None) -> int:
-        return self.verbosity
-
-    def getini(self, name: str) -> Any:
+def next_item(item: pytest.Item, after: Optional[tuple[str, ...]], items: dict[str, Any]) -> Any:
+    """The next item this worker runs, as teardown wants it (None: tear down everything)."""
+    if after is None:
         return None
-
-    def get_terminal_writer(self) -> _PlainWriter:
-        return _PlainWriter()
-
-
-class _PlainWriter:
-    """A terminal writer that highlights nothing: explanations travel as plain text."""
-
-    def _highlight(self, source: str, lexer: str = "python") -> str:
-        return source
-
-
-def _comparer(util: Any, verbosity: int) -> Any:
-    """Return compare(op, left, right) -> lines, for the running pytest's signature."""
-    if "config" in inspect.signature(util.assertrepr_compare).parameters:
-        config = _ExplanationConfig(verbosity)  # pytest 7 to 9.1 read a Config
-        return lambda op, left, right: util.assertrepr_compare(config, op, left, right)
-    plain = getattr(util, "dummy_highlighter", _PlainWriter()._highlight)
-
-    def compare(op: str, left: object, right: object) -> list[str]:
-        return list(
-            util.assertrepr_compare(
-                op,
-                left,
-                right,
-                verbose=verbosity,
-                highlighter=plain,
-                assertion_text_diff_style="ndiff",  # the ini key's default
-            )
-        )
-
-    return compare
+    found = items.get(after[-1])
+    if found is not None:
+        return found
+    kept = []
+    for node, nodeid in zip(item.session._setupstate.stack, after):
+        if node.nodeid != nodeid:
+            break
+        kept.append(node)
+    return _Chain(kept)
 
 
-def install_assert_explanations(verbosity: int) -> None:
-    """Make rewritten asserts explain comparisons (list and dict diffs) as under pytest."""
-    from _pytest.assertion import util
+def teardown_all(session: pytest.Session) -> None:
+    """Finalize everything still set up (the worker's scope is ending)."""
+    session._setupstate.teardown_exact(None)
 
-    if getattr(util._reprcompare, "verbosity", None) == verbosity:
-        return  # installed by an earlier test in this worker
-    compare = _comparer(util, verbosity)
 
-    def explain(op: str, left: object, right: object) -> Any:
-        try:
-            lines = compare(op, left, right)
-        except Exception:  # an explanation must never replace the assertion itself
-            return None
-        if not lines:
-            return None
-        return "\n~".join(line.replace("\n", "\\n") for line in lines).replace("%", "%%")
+def run_phase(item: pytest.Item, when: str, nextitem: Any) -> Optional[Any]:
+    """Run one phase as pytest's runner does; return its ExceptionInfo, if it raised.
 
-    explain.verbosity = verbosity  # type: ignore[attr-defined]
-    util._reprcompare = explain
+    The phase runs inside the ``pytest_runtest_protocol`` wrappers (warning
+    filters and recording, assertion explanations), and its report is made,
+    so that hooks reading it (and unittest's recorded failures) see it.
+    """
+    from _pytest.runner import CallInfo
+
+    def phase() -> None:
+        if when == "setup":
+            _setup(item)
+        elif when == "call":
+            item.ihook.pytest_runtest_call(item=item)
+        else:
+            try:
+                item.ihook.pytest_runtest_teardown(item=item, nextitem=nextitem)
+            finally:
+                if hasattr(item, "_request"):  # as runtestprotocol lets them go
+                    item._request = False
+                    item.funcargs = None  # type: ignore[attr-defined]
+
+    found: list[Any] = []
+
+    def protocol(item: pytest.Item, nextitem: Any) -> bool:
+        call = CallInfo.from_call(phase, when=when)  # type: ignore[arg-type]
+        item.ihook.pytest_runtest_makereport(item=item, call=call)
+        found.append(call.excinfo)
+        return True
+
+    _wrappers(item).call_extra([protocol], {"item": item, "nextitem": nextitem})
+    return found[0] if found else None
+
+
+def _setup(item: pytest.Item) -> None:
+    if hasattr(item, "_request") and not item._request:
+        item._initrequest()  # run again here (a rerun)
+    state = item.session._setupstate
+    chain = item.listchain()
+    if any(node not in chain for node in state.stack):
+        state.teardown_exact(item)  # left set up by an item that never came
+    item.ihook.pytest_runtest_setup(item=item)
+
+
+def _wrappers(item: pytest.Item) -> Any:
+    """The ``pytest_runtest_protocol`` hook reduced to its wrappers.
+
+    The implementations that run the whole protocol (pytest's runner, rerun
+    plugins) are left out: the parent runs the protocol, this runs one phase.
+    """
+    pm = item.config.pluginmanager
+    hook = pm.hook.pytest_runtest_protocol
+    runners = {
+        impl.plugin
+        for impl in hook.get_hookimpls()
+        if not (getattr(impl, "wrapper", False) or impl.hookwrapper)
+    }
+    return pm.subset_hook_caller("pytest_runtest_protocol", runners)

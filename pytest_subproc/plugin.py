@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from typing import Optional
 
 import pytest
 
-from pytest_subproc import _compat, _dispatch, _report, _settings, _spec
+from pytest_subproc import _dispatch, _report, _settings, _worker_items
 from pytest_subproc._dispatch import Runtime
 from pytest_subproc._exceptions import ChildTraceException
-from pytest_subproc._process import Worker
 from pytest_subproc._subworker import Subworker
 
 RUNTIME = pytest.StashKey[Runtime]()
@@ -39,58 +37,46 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", _settings.MARKER_HELP)
-    config.stash[RUNTIME] = Runtime.from_config(config)
-    # Workers reuse the test modules' rewritten code instead of rewriting them again.
-    kept = contextlib.ExitStack()
-    kept.enter_context(_compat.rewritten_modules_kept())
-    config.add_cleanup(kept.close)
+    # In a worker, tests run where they are: nothing is routed further.
+    if not getattr(config.option, _worker_items.IN_WORKER, False):
+        config.stash[RUNTIME] = Runtime.from_config(config)
+
+
+def _runtime(config: pytest.Config) -> Optional[Runtime]:
+    return config.stash.get(RUNTIME, None)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    runtime = config.stash.get(RUNTIME, None)
+    runtime = _runtime(config)
     if runtime is not None:
         runtime.close_all()
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:
     # The first test that will need a worker starts the template, which then
-    # imports pytest while the rest of the suite is collected.
-    runtime = item.config.stash[RUNTIME]
-    if runtime.template is None and (
-        runtime.defaults.isolate_all or item.get_closest_marker(_settings.MARKER) is not None
+    # imports pytest and configures it while the rest of the suite is collected.
+    runtime = _runtime(item.config)
+    if (
+        runtime is not None
+        and runtime.template is None
+        and (runtime.defaults.isolate_all or item.get_closest_marker(_settings.MARKER) is not None)
     ):
         runtime.warm_up()
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    runtime = config.stash[RUNTIME]
-    for item in items:
-        runtime.prepare(item)
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
-    result = yield
-    if _is_isolated(item):
-        assert isinstance(item, pytest.Function)
-        item.stash[_spec.SPEC] = _spec.build_spec(item, item.config.stash[RUNTIME].verbosity)
-        item.config.stash[RUNTIME].check_values(item)
-        _spec.warn_parent_patches(item)
-    return result
+    runtime = _runtime(config)
+    if runtime is not None:
+        for item in items:
+            runtime.prepare(item)
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Optional[bool]:
-    if not _is_isolated(pyfuncitem):
-        return None
-    try:
-        pyfuncitem.config.stash[RUNTIME].run(pyfuncitem)
-    finally:
-        # Not needed again; kept for every test of a run, the specs would be
-        # a tenth of the heap the garbage collector walks.
-        del pyfuncitem.stash[_spec.SPEC]
-    return True
+def pytest_runtest_teardown(item: pytest.Item, nextitem: Optional[pytest.Item]) -> None:
+    # The item's worker keeps what the next test it runs needs set up.
+    if _is_isolated(item):
+        item.stash[_dispatch.NEXT] = nextitem
 
 
 @pytest.hookimpl(wrapper=True)
@@ -116,42 +102,19 @@ def _is_isolated(item: pytest.Item) -> bool:
     return settings is not None and settings.isolated
 
 
-def _scoped_worker(request: pytest.FixtureRequest) -> Iterator[Worker]:
-    runtime = request.config.stash[RUNTIME]
-    worker = runtime.new_worker(request.node, request.scope)
-    try:
-        yield worker
-    finally:
-        runtime.retire(worker)
-
-
-@pytest.fixture(scope="session")
-def _subprocess_worker_session(request: pytest.FixtureRequest) -> Iterator[Worker]:
-    yield from _scoped_worker(request)
-
-
-@pytest.fixture(scope="module")
-def _subprocess_worker_module(request: pytest.FixtureRequest) -> Iterator[Worker]:
-    yield from _scoped_worker(request)
-
-
-@pytest.fixture
-def _subprocess_worker_function(request: pytest.FixtureRequest) -> Iterator[Worker]:
-    yield from _scoped_worker(request)
-
-
 @pytest.fixture
 def subworker(request: pytest.FixtureRequest) -> Subworker:
     """A handle on the subprocess worker of this test's scope (module by default)."""
+    runtime = request.config.stash[RUNTIME]
     settings = request.node.stash.get(_dispatch.SETTINGS, None)
     if settings is None:
-        settings = _settings.for_item(request.node, request.config.stash[RUNTIME].defaults)
-    worker = request.getfixturevalue(_dispatch.worker_fixture(settings.scope))
-    return Subworker(worker)
+        settings = _settings.for_item(request.node, runtime.defaults)
+    by_request = request if settings.scope == "function" else None
+    return Subworker(runtime.worker_for(request.node, settings.scope, by_request))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    runtime = terminalreporter.config.stash.get(RUNTIME, None)
+    runtime = _runtime(terminalreporter.config)
     if runtime is None or not runtime.workers:
         return
     terminalreporter.write_sep("-", "subprocess workers")

@@ -156,9 +156,8 @@ def teardown_all(session: pytest.Session) -> None:
 def run_phase(item: pytest.Item, when: str, nextitem: Any) -> Optional[Any]:
     """Run one phase as pytest's runner does; return its ExceptionInfo, if it raised.
 
-    The phase runs inside the ``pytest_runtest_protocol`` wrappers (warning
-    filters and recording, assertion explanations), and its report is made,
-    so that hooks reading it (and unittest's recorded failures) see it.
+    Its report is made too, so that hooks reading it (and unittest's
+    recorded failures) see it; the worker sends back only the exception.
     """
     from _pytest.runner import CallInfo
 
@@ -175,16 +174,9 @@ def run_phase(item: pytest.Item, when: str, nextitem: Any) -> Optional[Any]:
                     item._request = False
                     item.funcargs = None  # type: ignore[attr-defined]
 
-    found: list[Any] = []
-
-    def protocol(item: pytest.Item, nextitem: Any) -> bool:
-        call = CallInfo.from_call(phase, when=when)  # type: ignore[arg-type]
-        item.ihook.pytest_runtest_makereport(item=item, call=call)
-        found.append(call.excinfo)
-        return True
-
-    _wrappers(item).call_extra([protocol], {"item": item, "nextitem": nextitem})
-    return found[0] if found else None
+    call = CallInfo.from_call(phase, when=when)  # type: ignore[arg-type]
+    item.ihook.pytest_runtest_makereport(item=item, call=call)
+    return call.excinfo
 
 
 def _setup(item: pytest.Item) -> None:
@@ -197,17 +189,42 @@ def _setup(item: pytest.Item) -> None:
     item.ihook.pytest_runtest_setup(item=item)
 
 
-def _wrappers(item: pytest.Item) -> Any:
-    """The ``pytest_runtest_protocol`` hook reduced to its wrappers.
+class Protocol:
+    """The ``pytest_runtest_protocol`` wrappers of one item, entered at setup, left after teardown.
 
-    The implementations that run the whole protocol (pytest's runner, rerun
-    plugins) are left out: the parent runs the protocol, this runs one phase.
+    In pytest they wrap the item's three phases at once: warning filters and
+    recording, assertion explanations, plugins' own. The implementations
+    that run the protocol itself (pytest's runner, rerun plugins) are left
+    out: the parent runs the protocol, the worker its phases.
     """
-    pm = item.config.pluginmanager
-    hook = pm.hook.pytest_runtest_protocol
-    runners = {
-        impl.plugin
-        for impl in hook.get_hookimpls()
-        if not (getattr(impl, "wrapper", False) or impl.hookwrapper)
-    }
-    return pm.subset_hook_caller("pytest_runtest_protocol", runners)
+
+    def __init__(self, item: pytest.Item) -> None:
+        self._open: list[tuple[Any, bool]] = []
+        kwargs = {"item": item, "nextitem": None}
+        for impl in reversed(item.ihook.pytest_runtest_protocol.get_hookimpls()):
+            old = bool(impl.hookwrapper)
+            if not (old or getattr(impl, "wrapper", False)):
+                continue
+            gen = impl.function(*(kwargs[name] for name in impl.argnames))
+            try:
+                next(gen)
+            except BaseException:
+                self.close()
+                raise
+            self._open.append((gen, old))
+
+    def close(self) -> None:
+        """Leave the wrappers, innermost first; raise the first error one raised."""
+        import pluggy
+
+        errors: list[BaseException] = []
+        while self._open:
+            gen, old = self._open.pop()
+            try:
+                gen.send(pluggy.Result(True, None) if old else True)
+            except StopIteration:
+                pass
+            except BaseException as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]

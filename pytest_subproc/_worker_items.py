@@ -113,6 +113,7 @@ class _State:
         self.session = _compat.start_session(self.config)
         self.items: dict[str, pytest.Item] = {}
         self.collected: dict[str, str] = {}  # file path -> what collecting it reported
+        self.protocols: dict[str, _compat.Protocol] = {}  # by nodeid, from setup to teardown
 
     def item(self, path: str, nodeid: str) -> pytest.Item:
         """The worker's own item for ``nodeid``, collecting its file on first need."""
@@ -202,7 +203,7 @@ def run_phase(
     sections, properties = len(item._report_sections), len(item.user_properties)
     state.recorder.rows.clear()
     nextitem = _compat.next_item(item, after, state.items) if when == "teardown" else None
-    excinfo = _compat.run_phase(item, when, nextitem)
+    excinfo = _run(state, item, when, nextitem)
     error = text = None
     if excinfo is not None:
         if isinstance(item, pytest.Function) or not isinstance(excinfo.value, Exception):
@@ -217,10 +218,37 @@ def run_phase(
     return PhaseResult(error, text, new_sections, new_properties, rows)
 
 
+def _run(state: _State, item: pytest.Item, when: str, nextitem: Any) -> Any:
+    """Run the phase inside the item's protocol wrappers, entered at setup, left after teardown."""
+    from _pytest._code import ExceptionInfo
+
+    if when == "setup":
+        _leave_protocols(state)  # of items whose teardown never came
+        try:
+            state.protocols[item.nodeid] = _compat.Protocol(item)
+        except BaseException:
+            return ExceptionInfo.from_current()
+    excinfo = _compat.run_phase(item, when, nextitem)
+    if when == "teardown":
+        try:
+            _leave_protocols(state)
+        except BaseException:
+            excinfo = excinfo or ExceptionInfo.from_current()
+    return excinfo
+
+
+def _leave_protocols(state: _State) -> None:
+    while state.protocols:
+        state.protocols.pop(next(iter(state.protocols))).close()
+
+
 def finish(spec: ConfigSpec) -> None:
     """Finalize what this worker still holds set up (its scope is ending)."""
     if _STATE is not None:
-        _compat.teardown_all(_STATE.session)
+        try:
+            _compat.teardown_all(_STATE.session)
+        finally:
+            _leave_protocols(_STATE)
 
 
 def _sendable(prop: tuple[str, Any]) -> tuple[str, Any]:

@@ -8,6 +8,7 @@ of an item inside the wrappers pytest puts around a whole test.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import socket
 import threading
 from collections.abc import Iterable, Sequence
@@ -34,9 +35,8 @@ def quiet_plugins(config: pytest.Config) -> None:
     sock = getattr(db, "sock", None)
     if not isinstance(sock, socket.socket):
         return
-    from pytest_rerunfailures import StatusDB
-
-    config.failures_db = StatusDB()  # type: ignore[attr-defined]
+    # The plugin's own no-op database, the one it uses where xdist is absent.
+    config.failures_db = importlib.import_module(type(db).__module__).StatusDB()  # type: ignore[attr-defined]
     server = [t for t in threading.enumerate() if t.daemon and t is not threading.current_thread()]
     hook = threading.excepthook
     threading.excepthook = lambda args: None  # its accept() fails: that is the point
@@ -181,7 +181,7 @@ def run_phase(item: pytest.Item, when: str, nextitem: Any) -> Optional[Any]:
 
 def _setup(item: pytest.Item) -> None:
     if hasattr(item, "_request") and not item._request:
-        item._initrequest()  # run again here (a rerun)
+        item._initrequest()  # type: ignore[attr-defined] # run again here (a rerun)
     state = item.session._setupstate
     chain = item.listchain()
     if any(node not in chain for node in state.stack):
@@ -205,7 +205,7 @@ class Protocol:
             old = bool(impl.hookwrapper)
             if not (old or getattr(impl, "wrapper", False)):
                 continue
-            gen = impl.function(*(kwargs[name] for name in impl.argnames))
+            gen: Any = impl.function(*(kwargs[name] for name in impl.argnames))
             try:
                 next(gen)
             except BaseException:

@@ -182,17 +182,8 @@ class Worker:
         self.starts = 0  # processes that said READY: one, plus one per replacement
         # Deaths noticed between requests ("signal SIGKILL (pid 12)"), for the summary.
         self.idle_deaths: list[str] = []
-        # Test modules this worker was sent (so their code need not travel again),
-        # and fixture values it has shown it can rebuild, as (name, hash of the bytes).
-        self.modules: set[str] = set()
-        self.checked: set[tuple[str, int]] = set()
-        # What the last call told the worker of our cwd, sys.path and os.environ
-        # (its raw data), so that later calls send only what changed.
-        self.sent_cwd: Optional[str] = None
-        self.sent_path: Optional[list[str]] = None
-        self.sent_env: dict[Any, Any] = {}
         self._ready = False  # whether the running process has said READY
-        # Test modules the template had imported when it forked this worker.
+        # Test files the template had collected when it forked this worker.
         self.preloaded: frozenset[str] = frozenset()
         self._proc: Optional[ForkedProcess] = None
         self._files: dict[str, CaptureFile] = {}
@@ -217,10 +208,6 @@ class Worker:
         if self._proc is not None and self._proc.returncode is None and self._ready:
             self.idle_deaths.append(self._death())  # died while idle
         self._release()  # what is left of a worker that died
-        self.modules.clear()
-        self.checked.clear()
-        self.sent_cwd = self.sent_path = None
-        self.sent_env = {}
         self._files = {
             name: CaptureFile()
             for name in (("stdout", "stderr") if self.capture else ()) + ("fault",)

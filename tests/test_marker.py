@@ -452,7 +452,9 @@ def test_importlib_mode_same_basename_in_two_directories(pytester: pytest.Pytest
 # --------------------------------------------------------------------------
 
 
-def test_subprocess_flag_isolates_every_kind_of_item(pytester: pytest.Pytester, pidlog: Path) -> None:
+def test_subprocess_flag_isolates_every_kind_of_item(
+    pytester: pytest.Pytester, pidlog: Path
+) -> None:
     pytester.makeconftest(
         PARENT_CONFTEST
         + textwrap.dedent(
@@ -499,9 +501,7 @@ def test_subprocess_flag_isolates_every_kind_of_item(pytester: pytest.Pytester, 
     assert_gone(pids.values())
 
 
-def test_marked_unittest_method_is_isolated(
-    pytester: pytest.Pytester, pidlog: Path
-) -> None:
+def test_marked_unittest_method_is_isolated(pytester: pytest.Pytester, pidlog: Path) -> None:
     pytester.makeconftest(PARENT_CONFTEST)
     pytester.makepyfile(
         test_unit="""

@@ -1,0 +1,371 @@
+"""Acceptance: a marked test runs in its worker as pytest would run it in-process."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+
+import pytest
+from _inner import run_inner as run
+
+pytestmark = pytest.mark.usefixtures("no_plugin_autoload")
+
+
+def test_unpicklable_fixtures_and_identity(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import socket, threading, pytest
+
+        SENTINEL = object()
+
+        @pytest.fixture(scope="module")
+        def lock():
+            return threading.Lock()
+
+        @pytest.fixture
+        def sock():
+            with socket.socket() as s:
+                yield s
+
+        @pytest.fixture
+        def holder(lock):
+            return {"lock": lock}
+
+        pytestmark = pytest.mark.subprocess
+
+        def test_lock_and_socket(lock, sock, holder):
+            assert lock.acquire(blocking=False)
+            lock.release()
+            assert sock.fileno() >= 0
+            assert holder["lock"] is lock
+
+        @pytest.mark.parametrize("value", [SENTINEL])
+        def test_sentinel(value):
+            assert value is SENTINEL
+        """
+    )
+    run(pytester).assert_outcomes(passed=2)
+
+
+def test_session_fixture_sets_what_the_body_reads(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        settings="MODE = 'unset'\n",
+        conftest="""
+        import pytest, settings
+
+        @pytest.fixture(scope="session", params=["fast", "slow"])
+        def mode(request):
+            settings.MODE = request.param
+            return request.param
+        """,
+        test_mode="""
+        import pytest, settings
+
+        @pytest.mark.subprocess
+        def test_reads(mode):
+            assert settings.MODE == mode
+        """,
+    )
+    run(pytester).assert_outcomes(passed=2)
+
+
+def test_request_finalizers_and_yield_teardown(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        SEEN = []
+
+        @pytest.fixture
+        def other():
+            return "other"
+
+        @pytest.fixture
+        def checked():
+            box = []
+            yield box
+            assert box == ["filled by the body"], "teardown sees what the body did"
+
+        @pytest.fixture(autouse=True)
+        def reset():
+            SEEN.clear()
+
+        pytestmark = pytest.mark.subprocess
+
+        def test_request(request, checked):
+            assert request.getfixturevalue("other") == "other"
+            request.addfinalizer(lambda: print("finalized in", request.node.name))
+            checked.append("filled by the body")
+            SEEN.append(1)
+
+        def test_reset_between_tests_sharing_a_worker():
+            assert SEEN == []
+        """
+    )
+    result = run(pytester, "-rP")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*Captured stdout teardown*", "finalized in test_request"])
+
+
+def test_record_property_reaches_junitxml(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.subprocess
+        def test_props(record_property, request):
+            record_property("answer", 42)
+            request.node.user_properties.append(("by_hand", "yes"))
+        """
+    )
+    run(pytester, "--junitxml=out.xml").assert_outcomes(passed=1)
+    xml = (pytester.path / "out.xml").read_text()
+    assert '<property name="answer" value="42"' in xml
+    assert '<property name="by_hand" value="yes"' in xml
+
+
+def test_cache_set_in_a_marked_test_is_read_by_a_later_unmarked_one(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.subprocess
+        def test_set(cache):
+            cache.set("subproc/value", 7)
+
+        def test_get(request):
+            assert request.config.cache.get("subproc/value", None) == 7
+        """
+    )
+    run(pytester, "-p", "cacheprovider", cache=True).assert_outcomes(passed=2)
+
+
+def test_warning_filter_raises_inside_the_body(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import warnings, pytest
+
+        @pytest.mark.subprocess
+        def test_caught_as_exception():
+            try:
+                warnings.warn("careful", UserWarning)
+            except UserWarning:
+                return
+            raise AssertionError("the warning did not raise")
+
+        @pytest.mark.subprocess
+        def test_other_category_is_recorded():
+            warnings.warn("old", DeprecationWarning)
+        """
+    )
+    result = run(pytester, "-W", "error::UserWarning")
+    result.assert_outcomes(passed=2, warnings=1)
+    result.stdout.fnmatch_lines(["*warnings summary*", "*test_*.py:*: DeprecationWarning: old"])
+
+
+def test_hypothesis_profile_from_conftest(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("hypothesis")
+    pytester.makeconftest(
+        """
+        from hypothesis import settings
+        settings.register_profile("tiny", max_examples=3)
+        settings.load_profile("tiny")
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+        from hypothesis import given, settings, strategies as st
+
+        @pytest.mark.subprocess
+        @given(st.integers())
+        def test_profile(x):
+            assert settings().max_examples == 3
+        """
+    )
+    run(pytester, "-p", "hypothesis").assert_outcomes(passed=1)
+
+
+def test_mocker(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("pytest_mock")
+    pytester.makepyfile(
+        """
+        import os, pytest
+
+        @pytest.mark.subprocess
+        def test_patch(mocker):
+            mocker.patch("os.getcwd", return_value="mocked")
+            spy = mocker.spy(os.path, "join")
+            assert os.getcwd() == "mocked"
+            os.path.join("a", "b")
+            spy.assert_called_once_with("a", "b")
+        """
+    )
+    run(pytester, "-p", "pytest_mock").assert_outcomes(passed=1)
+
+
+def test_async_under_pytest_asyncio_auto_mode(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("pytest_asyncio")
+    pytester.makepyfile(
+        """
+        import asyncio, os, pytest
+
+        PARENT = os.environ["PARENT_PID"]
+
+        @pytest.mark.subprocess
+        async def test_async():
+            await asyncio.sleep(0)
+            assert str(os.getpid()) != PARENT
+        """
+    )
+    pytester.makeconftest("import os\nos.environ.setdefault('PARENT_PID', str(os.getpid()))\n")
+    result = run(
+        pytester,
+        "-p",
+        "asyncio",
+        "--asyncio-mode=auto",
+        "-o",
+        "asyncio_default_fixture_loop_scope=function",
+    )
+    result.assert_outcomes(passed=1)
+
+
+def test_unittest_method_that_segfaults_fails_alone(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import ctypes, unittest, pytest
+
+        @pytest.mark.subprocess
+        class TestCase(unittest.TestCase):
+            def test_segfault(self):
+                ctypes.string_at(0)
+
+            def test_fine(self):
+                self.assertEqual(1, 1)
+
+            def test_fails(self):
+                self.assertEqual(1, 2)
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(["*worker crashed: signal SIGSEGV*"])
+    result.stdout.fnmatch_lines(["*AssertionError: 1 != 2*"])
+
+
+def test_doctests_run_in_the_worker_and_a_segfault_fails_one(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        calc='''
+        def crash():
+            """
+            >>> import ctypes; ctypes.string_at(0)
+            """
+
+        def wrong():
+            """
+            >>> 1 + 1
+            3
+            """
+
+        def right():
+            """
+            >>> 1 + 1
+            2
+            """
+        '''
+    )
+    result = run(pytester, "--subprocess", "--doctest-modules")
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(["*worker crashed: signal SIGSEGV*"])
+    result.stdout.fnmatch_lines(["Expected:", "    3", "Got:", "    2"])
+
+
+MIXED = {
+    "conftest": """
+        import pytest
+
+        @pytest.fixture(scope="module")
+        def counter():
+            return {"n": 0}
+
+        @pytest.fixture(autouse=True)
+        def tick(counter):
+            counter["n"] += 1
+        """,
+    "test_mixed": """
+        import logging, unittest, warnings, pytest
+
+        STATE = []
+
+        class TestClass:
+            def setup_method(self):
+                self.ready = True
+
+            def test_method(self):
+                assert self.ready
+
+        @pytest.mark.parametrize("x", [1, 2, 3])
+        def test_param(x, counter):
+            assert x < 3
+
+        def test_skip():
+            pytest.skip("skipped")
+
+        @pytest.mark.xfail(reason="known")
+        def test_xfail():
+            assert False
+
+        @pytest.mark.xfail(strict=True)
+        def test_xpass_strict():
+            pass
+
+        @pytest.fixture
+        def broken():
+            raise RuntimeError("fixture error")
+
+        def test_setup_error(broken):
+            pass
+
+        @pytest.fixture
+        def bad_teardown():
+            yield
+            raise RuntimeError("teardown error")
+
+        def test_teardown_error(bad_teardown):
+            pass
+
+        def test_warns():
+            warnings.warn("noted", UserWarning)
+
+        def test_logs(caplog):
+            logging.getLogger("x").warning("hello")
+            assert caplog.messages == ["hello"]
+
+        class TestUnit(unittest.TestCase):
+            @unittest.skip("unittest skip")
+            def test_skipped(self):
+                pass
+
+            def test_ok(self):
+                self.assertTrue(True)
+        """,
+}
+
+
+def _outcomes(result: pytest.RunResult) -> list[str]:
+    return sorted(
+        line
+        for line in result.stdout.lines
+        if re.match(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) ", line)
+    )
+
+
+def test_a_mixed_suite_has_the_same_outcomes_under_subprocess(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(**{name: textwrap.dedent(text) for name, text in MIXED.items()})
+    in_process = run(pytester, "-rA")
+    for scope in ("module", "session", "function"):
+        isolated = run(pytester, "-rA", "--subprocess", f"--subprocess-scope={scope}")
+        assert isolated.parseoutcomes() == in_process.parseoutcomes(), scope
+        assert _outcomes(isolated) == _outcomes(in_process), scope

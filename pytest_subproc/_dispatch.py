@@ -140,7 +140,7 @@ class Runtime:
         """Have the item's worker run its body."""
         __tracebackhide__ = True
         worker, starts = item.stash[_SET_UP_BY]
-        if worker.starts != starts or not worker.alive:
+        if worker.starts != starts or not worker.serving:
             raise WorkerCrashed(
                 f"the worker that set up {item.nodeid} died before its call",
                 pid=worker.pid or 0,
@@ -154,7 +154,7 @@ class Runtime:
         worker, starts = item.stash.get(_SET_UP_BY, (None, 0))
         scope = item.stash[SETTINGS].scope
         try:
-            if worker is not None and worker.starts == starts and worker.alive:
+            if worker is not None and worker.starts == starts and worker.serving:
                 after = self._next_here(item, scope)
                 chain = None if after is None else tuple(n.nodeid for n in after.listchain())
                 self._phase(item, worker, "teardown", chain)
@@ -237,7 +237,7 @@ class Runtime:
         if worker is None:
             return
         try:
-            if finish and worker.alive:
+            if finish and worker.serving:
                 call: tuple[Any, ...] = (_worker_items.finish, (self.config_spec(),), {})
                 reply = worker.request(Kind.CALL, call, timeout=self.defaults.timeout)
                 relay_output(reply)

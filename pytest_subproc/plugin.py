@@ -39,7 +39,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", _settings.MARKER_HELP)
     # In a worker, tests run where they are: nothing is routed further.
     if not getattr(config.option, _worker_items.IN_WORKER, False):
-        config.stash[RUNTIME] = Runtime.from_config(config)
+        config.stash[RUNTIME] = runtime = Runtime.from_config(config)
+        if runtime.defaults.isolate_all and not config.getoption("collectonly"):
+            # Every test needs a worker: the template configures pytest while
+            # this process collects.
+            runtime.warm_up()
 
 
 def _runtime(config: pytest.Config) -> Optional[Runtime]:

@@ -369,3 +369,66 @@ def test_a_mixed_suite_has_the_same_outcomes_under_subprocess(pytester: pytest.P
         isolated = run(pytester, "-rA", "--subprocess", f"--subprocess-scope={scope}")
         assert isolated.parseoutcomes() == in_process.parseoutcomes(), scope
         assert _outcomes(isolated) == _outcomes(in_process), scope
+
+
+@pytest.mark.parametrize("when", ["setup", "call", "teardown"])
+def test_a_crash_in_any_phase_is_reported_in_that_phase(
+    pytester: pytest.Pytester, when: str
+) -> None:
+    pytester.makepyfile(
+        f"""
+        import os, pytest
+
+        @pytest.fixture
+        def phases():
+            if {when!r} == "setup":
+                os._exit(3)
+            yield
+            if {when!r} == "teardown":
+                os._exit(3)
+
+        @pytest.mark.subprocess
+        def test_crashes(phases):
+            if {when!r} == "call":
+                os._exit(3)
+
+        @pytest.mark.subprocess
+        def test_next():
+            pass
+        """
+    )
+    result = run(pytester)
+    outcome = {"setup": {"errors": 1}, "call": {"failed": 1}, "teardown": {"errors": 1}}[when]
+    # A teardown error comes on top of the passed call, as in-process.
+    result.assert_outcomes(passed=2 if when == "teardown" else 1, **outcome)
+    header = "*_ test_crashes _*" if when == "call" else f"*ERROR at {when} of test_crashes*"
+    result.stdout.fnmatch_lines([header, "*WorkerCrashed: worker crashed: exit code 3*"])
+
+
+def test_a_template_whose_configuration_starts_a_thread_falls_back_to_spawn(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest(
+        """
+        import threading
+
+        def pytest_configure(config):
+            threading.Thread(target=threading.Event().wait, daemon=True).start()
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        pytestmark = pytest.mark.subprocess
+
+        def test_one():
+            pass
+
+        def test_two():
+            pass
+        """
+    )
+    result = run(pytester, "-W", "default::pytest.PytestWarning")
+    result.assert_outcomes(passed=2, warnings=1)
+    result.stdout.fnmatch_lines(["*spawns each worker*configuring pytest*started a thread*"])

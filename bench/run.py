@@ -5,9 +5,10 @@
     python bench/run.py --only worker
 
 ``worker`` times the worker layer against raw pipes and spawns; ``suite``
-times a suite of trivial tests in-process, under the marker's scopes and
-under pytest-forked. Targets are printed next to the figures; a missed target
-or a failing configuration is reported, and the exit code stays 0.
+times a suite of trivial tests, and one whose tests use fixtures of each
+scope, in-process, under the marker's scopes and under pytest-forked.
+Targets are printed next to the figures; a missed target or a failing
+configuration is reported, and the exit code stays 0.
 """
 
 from __future__ import annotations

@@ -73,6 +73,8 @@ class Runtime:
     spec: Optional[_worker_items.ConfigSpec] = None
     forked: bool = True  # False once configuring in the template started a thread
     positions: dict[int, int] = field(default_factory=dict)  # id(item) -> index in session.items
+    # By worker: the process (its start count) that collected these files.
+    readied: dict[Worker, tuple[int, set[str]]] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Runtime:
@@ -131,10 +133,27 @@ class Runtime:
         """Have the item's worker set it up: its fixtures, of every scope, run there."""
         __tracebackhide__ = True
         worker = self.worker_for(item, item.stash[SETTINGS].scope)
+        self._ready(worker, _file_of(item))
         try:
             self._phase(item, worker, "setup")
         finally:
             item.stash[_SET_UP_BY] = (worker, worker.starts)
+
+    def _ready(self, worker: Worker, path: str) -> None:
+        """Have a worker configure pytest and collect a file, outside any test's timeout.
+
+        A forked worker has pytest configured already; a spawned one does it
+        now. What fails here fails again, and is reported, in the setup.
+        """
+        worker.start()
+        starts, files = self.readied.get(worker, (-1, set()))
+        if starts != worker.starts:
+            starts, files = worker.starts, set()
+            self.readied[worker] = (starts, files)
+        if path not in files and path not in worker.preloaded:  # forked with it collected
+            files.add(path)
+            call: tuple[Any, ...] = (_worker_items.preload, (self.config_spec(), path), {})
+            relay_output(worker.request(Kind.CALL, call))
 
     def call(self, item: pytest.Item) -> None:
         """Have the item's worker run its body."""
@@ -304,6 +323,7 @@ class Runtime:
 
     def retire(self, worker: Worker) -> None:
         """Close a worker at the end of its scope and count its starts."""
+        self.readied.pop(worker, None)
         try:
             worker.close()
         finally:

@@ -76,6 +76,9 @@ def clean_stack(dump: str) -> str:
 
 _MACHINERY = (
     f"{os.sep}pytest_subproc{os.sep}_",
+    # pytest's and pluggy's own frames between the worker's loop and the test.
+    f"{os.sep}_pytest{os.sep}",
+    f"{os.sep}pluggy{os.sep}",
     "<frozen runpy>",
     f"{os.sep}runpy.py",
     "threading.py",

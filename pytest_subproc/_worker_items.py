@@ -184,7 +184,10 @@ def _state(spec: ConfigSpec) -> _State:
 
 
 def preload(spec: ConfigSpec, path: str) -> None:
-    """Collect a file in the template, so every worker forked after starts with it."""
+    """Configure pytest and collect a file here, ahead of its tests.
+
+    In the template, every worker forked after starts with the file collected.
+    """
     state = _state(spec)
     if path not in state.collected:
         state.collect(path)

@@ -27,8 +27,9 @@ from pytest_subproc import _compat, _errors
 # Set on a worker's options, so the plugin knows not to route anything there.
 IN_WORKER = "subprocess_in_worker"
 # Appended to the parent's arguments: output goes to the worker's own capture
-# files, which the parent reads per request; the worker arms faulthandler itself.
-_EXTRA_ARGS = ("--capture=no", "-p", "no:faulthandler")
+# files, which the parent reads per request. (No plugin is blocked with -p:
+# its ini keys would become unknown, an error under --strict-config.)
+_EXTRA_ARGS = ("--capture=no",)
 # Options that act once per run, in the parent: off in a worker.
 _OFF: dict[str, Any] = {
     "xmlpath": None,

@@ -35,6 +35,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("subprocess_start", _settings.START_HELP, default="")
 
 
+@pytest.hookimpl(trylast=True)  # after tmp_path's and the cache's own, which workers share
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", _settings.MARKER_HELP)
     # In a worker, tests run where they are: nothing is routed further.

@@ -432,3 +432,32 @@ def test_a_template_whose_configuration_starts_a_thread_falls_back_to_spawn(
     result = run(pytester, "-W", "default::pytest.PytestWarning")
     result.assert_outcomes(passed=2, warnings=1)
     result.stdout.fnmatch_lines(["*spawns each worker*configuring pytest*started a thread*"])
+
+
+def test_the_worker_shares_basetemp_and_strict_config(pytester: pytest.Pytester) -> None:
+    pytester.makeini(
+        """
+        [pytest]
+        addopts = --strict-config --strict-markers
+        faulthandler_timeout = 100
+        filterwarnings = error
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        def test_parent(tmp_path_factory, request):
+            request.config.rootpath.joinpath("base.txt").write_text(
+                str(tmp_path_factory.getbasetemp())
+            )
+
+        @pytest.mark.subprocess
+        def test_worker(tmp_path, tmp_path_factory, request):
+            base = request.config.rootpath.joinpath("base.txt").read_text()
+            assert str(tmp_path_factory.getbasetemp()) == base
+            assert tmp_path.parent == tmp_path_factory.getbasetemp()
+        """
+    )
+    run(pytester).assert_outcomes(passed=2)
+    run(pytester, f"--basetemp={pytester.path / 'base'}").assert_outcomes(passed=2)

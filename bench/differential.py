@@ -25,6 +25,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from bench import _venv
 from bench._common import last_lines, progress
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,10 +80,11 @@ def ensure_venv(requires: list[str]) -> Path:
         progress(f"making {VENV.relative_to(ROOT)}")
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     progress("installing pytest, this package and the requirements")
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "pytest", str(ROOT), *requires],
-        check=True,
-    )
+    with tempfile.TemporaryDirectory(prefix="pytest_subproc-diff-src-") as tmp:
+        source = _venv._copy_source(Path(tmp))  # a build leaves nothing in the repository
+        pip = [str(python), "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps"]
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "pytest", *requires], check=True)
+        subprocess.run([*pip, str(source)], check=True)
     return python
 
 

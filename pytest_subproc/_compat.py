@@ -61,6 +61,20 @@ def share_dirs(config: pytest.Config, basetemp: Optional[str], cachedir: Optiona
         cache._cachedir = Path(cachedir)
 
 
+def set_junitxml(config: pytest.Config, report: Any) -> None:
+    """Give the record_xml_attribute and record_testsuite_property fixtures a report to use."""
+    from _pytest.junitxml import xml_key
+
+    config.stash[xml_key] = report
+
+
+def junitxml(config: pytest.Config) -> Any:
+    """The junitxml report this run writes, or None."""
+    from _pytest.junitxml import xml_key
+
+    return config.stash.get(xml_key, None)
+
+
 def start_session(config: pytest.Config) -> pytest.Session:
     """Make the session and start it, without a terminal to report to."""
     config.pluginmanager.unregister(name="terminalreporter")

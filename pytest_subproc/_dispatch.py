@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import pytest
 
-from pytest_subproc import _errors, _worker_items
+from pytest_subproc import _compat, _errors, _worker_items
 from pytest_subproc._exceptions import WorkerCrashed, WorkerTimeout
 from pytest_subproc._process import PACKAGE_ROOT, Worker, child_env
 from pytest_subproc._report import replay, stack_traceback
@@ -111,12 +111,14 @@ class Runtime:
             assert config is not None
             factory = getattr(config, "_tmp_path_factory", None)
             cache = getattr(config, "cache", None)
+            xml = _compat.junitxml(config)
             self.spec = _worker_items.ConfigSpec(
                 args=tuple(str(a) for a in config.invocation_params.args),
                 dir=str(config.invocation_params.dir),
                 path=tuple(sys.path),
                 basetemp=str(factory.getbasetemp()) if factory is not None else None,
                 cachedir=str(cache._cachedir) if cache is not None else None,
+                junit_family=getattr(xml, "family", None),
             )
         return self.spec
 
@@ -200,6 +202,8 @@ class Runtime:
             item.add_report_section(*section)
         item.user_properties.extend(result.properties)
         replay(result.warnings)
+        if result.junit:
+            _record_junit(item, result.junit)
         if result.error is not None:
             raise _errors.load_exception(result.error)
         if result.text is not None:
@@ -341,6 +345,18 @@ class Runtime:
         if self.template is not None:
             self.template.close()
             self.template = None
+
+
+def _record_junit(item: pytest.Item, records: tuple[tuple[str, str, str], ...]) -> None:
+    """Put what the worker's test recorded for junitxml into this run's report."""
+    xml = _compat.junitxml(item.config)
+    if xml is None:
+        return
+    for kind, name, value in records:
+        if kind == "attribute":
+            xml.node_reporter(item.nodeid).add_attribute(name, value)
+        else:
+            xml.add_global_property(name, value)
 
 
 def _where(item: pytest.Item) -> tuple[str, str, int]:

@@ -65,6 +65,8 @@ class ConfigSpec:
     path: tuple[str, ...]
     basetemp: Optional[str] = None
     cachedir: Optional[str] = None
+    # The parent's junitxml family, if it writes a junitxml report.
+    junit_family: Optional[str] = None
 
 
 # A warning a phase recorded: (category module, category qualname, message, file, line).
@@ -82,6 +84,9 @@ class PhaseResult:
     sections: tuple[tuple[str, str, str], ...] = ()
     properties: tuple[tuple[str, Any], ...] = ()
     warnings: tuple[WarningRow, ...] = ()
+    # What record_xml_attribute and record_testsuite_property recorded:
+    # ("attribute" or "suite", name, value).
+    junit: tuple[tuple[str, str, str], ...] = ()
 
 
 class _Recorder:
@@ -103,6 +108,23 @@ class _Recorder:
         )
 
 
+class _JunitStandIn:
+    """Stands for the parent's junitxml report: what tests record there is sent back."""
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self.records: list[tuple[str, str, str]] = []
+
+    def node_reporter(self, report: Any) -> _JunitStandIn:
+        return self  # every record belongs to the test whose phase is running
+
+    def add_attribute(self, name: str, value: object) -> None:
+        self.records.append(("attribute", str(name), str(value)))
+
+    def add_global_property(self, name: str, value: object) -> None:
+        self.records.append(("suite", str(name), str(value)))
+
+
 class _State:
     """The worker's pytest: its config, session, and the items collected so far."""
 
@@ -111,6 +133,9 @@ class _State:
         self.config = _configured(spec)
         self.recorder = _Recorder()
         self.config.pluginmanager.register(self.recorder, "pytest_subproc-recorder")
+        self.junit = _JunitStandIn(spec.junit_family) if spec.junit_family else None
+        if self.junit is not None:
+            _compat.set_junitxml(self.config, self.junit)
         self.session = _compat.start_session(self.config)
         self.items: dict[str, pytest.Item] = {}
         self.collected: dict[str, str] = {}  # file path -> what collecting it reported
@@ -206,6 +231,8 @@ def run_phase(
     item = state.item(path, nodeid)
     sections, properties = len(item._report_sections), len(item.user_properties)
     state.recorder.rows.clear()
+    if state.junit is not None:
+        state.junit.records.clear()
     nextitem = _compat.next_item(item, after, state.items) if when == "teardown" else None
     excinfo = _run(state, item, when, nextitem)
     error = text = None
@@ -217,9 +244,10 @@ def run_phase(
     new_sections = tuple(item._report_sections[sections:])
     new_properties = tuple(_sendable(p) for p in item.user_properties[properties:])
     rows = tuple(state.recorder.rows)
-    if error is None and text is None and not (new_sections or new_properties or rows):
+    junit = tuple(state.junit.records) if state.junit is not None else ()
+    if error is None and text is None and not (new_sections or new_properties or rows or junit):
         return None
-    return PhaseResult(error, text, new_sections, new_properties, rows)
+    return PhaseResult(error, text, new_sections, new_properties, rows, junit)
 
 
 def _run(state: _State, item: pytest.Item, when: str, nextitem: Any) -> Any:

@@ -107,21 +107,27 @@ def test_request_finalizers_and_yield_teardown(pytester: pytest.Pytester) -> Non
     result.stdout.fnmatch_lines(["*Captured stdout teardown*", "finalized in test_request"])
 
 
-def test_record_property_reaches_junitxml(pytester: pytest.Pytester) -> None:
+def test_junitxml_records_reach_the_report(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """
         import pytest
 
         @pytest.mark.subprocess
-        def test_props(record_property, request):
+        @pytest.mark.filterwarnings("ignore::pytest.PytestExperimentalApiWarning")
+        def test_props(record_property, record_xml_attribute, record_testsuite_property, request):
             record_property("answer", 42)
             request.node.user_properties.append(("by_hand", "yes"))
+            record_xml_attribute("flavour", "mint")
+            record_testsuite_property("build", "7")
         """
     )
-    run(pytester, "--junitxml=out.xml").assert_outcomes(passed=1)
+    # xunit2, the default family, has no room for attributes, in-process either.
+    run(pytester, "--junitxml=out.xml", "-o", "junit_family=xunit1").assert_outcomes(passed=1)
     xml = (pytester.path / "out.xml").read_text()
     assert '<property name="answer" value="42"' in xml
     assert '<property name="by_hand" value="yes"' in xml
+    assert 'flavour="mint"' in xml
+    assert '<property name="build" value="7"' in xml
 
 
 def test_cache_set_in_a_marked_test_is_read_by_a_later_unmarked_one(

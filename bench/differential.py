@@ -141,18 +141,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requires", nargs="*", default=[], help="test requirements")
     parser.add_argument("--scopes", nargs="*", default=list(SCOPES), choices=SCOPES)
     parser.add_argument("--pytest-args", default="", help="more pytest arguments, one string")
+    parser.add_argument(
+        "--install",
+        action="store_true",
+        help="install the project itself (its tests read its metadata)",
+    )
     args = parser.parse_args(argv)
     python = ensure_venv(args.requires)
     extra = tuple(args.pytest_args.split())
     failed = False
     with tempfile.TemporaryDirectory(prefix="pytest_subproc-diff-") as tmp:
         project = fetch(args.requirement, Path(tmp) / "sdist")
+        if args.install:
+            pip = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall"]
+            subprocess.run([*pip, str(project)], check=True)
         record = Path(tmp) / "record"
         record.mkdir()
         (record / "_record_outcomes.py").write_text(RECORDER)
         progress("running in-process")
         base = run_suite(python, project, args.tests, args.path, record, extra)
         print(f"{args.requirement}: {len(base)} tests")
+        if not base:
+            return 2  # nothing ran: nothing to compare
         for scope in args.scopes:
             progress(f"running under --subprocess --subprocess-scope={scope}")
             isolated = run_suite(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+import tempfile
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -184,6 +185,10 @@ def _configured(spec: ConfigSpec) -> pytest.Config:
         config._do_configure()
     _compat.share_dirs(config, spec.basetemp, spec.cachedir)
     _compat.quiet_plugins(config)
+    # The first use of tempfile in a process probes the directory (it writes
+    # and unlinks a file); pytest's basetemp did that in the parent before
+    # any test, so here too, not inside the first test that uses tempfile.
+    tempfile.gettempdir()
     return config
 
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -105,20 +106,22 @@ def fetch(requirement: str, into: Path) -> Path:
 
 def run_suite(
     python: Path, project: Path, tests: str, path: str, record: Path, extra: tuple[str, ...]
-) -> dict[str, tuple[str, str]]:
-    """Run the suite once; return {nodeid: (outcome, exception type)}."""
+) -> tuple[dict[str, tuple[str, str]], float]:
+    """Run the suite once; return {nodeid: (outcome, exception type)} and the wall time."""
     out = record / f"outcomes-{len(list(record.iterdir()))}.jsonl"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(project / path), str(record)])
     env["RECORD_OUTCOMES_TO"] = str(out)
     env.pop("PYTEST_ADDOPTS", None)
     cmd = [str(python), "-m", "pytest", *BASE_ARGS, *extra, tests]
+    start = time.perf_counter()
     done = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
     if not out.exists():
         what = " ".join(extra) or "in-process"
         raise RuntimeError(f"{what}: no outcomes\n{last_lines(done.stdout)}")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    return {nodeid: (outcome, kind) for nodeid, outcome, kind in rows}
+    return {nodeid: (outcome, kind) for nodeid, outcome, kind in rows}, wall
 
 
 def differences(
@@ -159,20 +162,21 @@ def main(argv: list[str] | None = None) -> int:
         record.mkdir()
         (record / "_record_outcomes.py").write_text(RECORDER)
         progress("running in-process")
-        base = run_suite(python, project, args.tests, args.path, record, extra)
-        print(f"{args.requirement}: {len(base)} tests")
+        base, base_wall = run_suite(python, project, args.tests, args.path, record, extra)
+        print(f"{args.requirement}: {len(base)} tests, {base_wall:.1f} s in-process")
         if not base:
             return 2  # nothing ran: nothing to compare
         for scope in args.scopes:
             progress(f"running under --subprocess --subprocess-scope={scope}")
-            isolated = run_suite(
+            isolated, wall = run_suite(
                 python, project, args.tests, args.path, record,
                 (*extra, "--subprocess", f"--subprocess-scope={scope}"),
             )  # fmt: skip
             groups = differences(base, isolated)
             count = sum(len(v) for v in groups.values())
             failed = failed or count > 0
-            print(f"  {scope} scope: {count} differing tests")
+            over = (wall - base_wall) / len(base) * 1e3
+            print(f"  {scope} scope: {count} differing tests, {wall:.1f} s ({over:+.2f} ms a test)")
             for group, nodeids in sorted(groups.items(), key=lambda kv: -len(kv[1])):
                 print(f"    {len(nodeids):5d}  {group}")
                 for nodeid in nodeids[:5]:

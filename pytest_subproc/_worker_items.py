@@ -153,8 +153,9 @@ class _State:
         if item is None:
             why = self.collected[path] or "no such test there"
             raise LookupError(
-                f"pytest_subproc could not find {nodeid} in its worker: collecting {path} "
-                f"in the worker gave:\n{why}"
+                f"pytest_subproc could not find {nodeid} in its worker, so it cannot run "
+                f"there (a test made or renamed in the pytest process after collection "
+                f"cannot: leave it unmarked). Collecting {path} in the worker gave:\n{why}"
             )
         return item
 
@@ -233,6 +234,8 @@ def run_phase(
     common result and the cheapest to send.
     """
     state = _state(spec)
+    if when == "teardown" and nodeid not in state.items:
+        return None  # its setup could not find it, so nothing was set up
     item = state.item(path, nodeid)
     sections, properties = len(item._report_sections), len(item.user_properties)
     state.recorder.rows.clear()

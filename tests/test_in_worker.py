@@ -467,3 +467,24 @@ def test_the_worker_shares_basetemp_and_strict_config(pytester: pytest.Pytester)
     )
     run(pytester).assert_outcomes(passed=2)
     run(pytester, f"--basetemp={pytester.path / 'base'}").assert_outcomes(passed=2)
+
+
+def test_a_test_the_worker_cannot_find_is_an_error_that_says_why(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        # The id differs in every process that imports the module.
+        @pytest.mark.subprocess
+        @pytest.mark.parametrize("x", [object()], ids=lambda o: str(id(o)))
+        def test_moving_id(x):
+            pass
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*could not find test_*moving_id*in its worker*leave it unmarked*"]
+    )

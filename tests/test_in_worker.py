@@ -488,3 +488,27 @@ def test_a_test_the_worker_cannot_find_is_an_error_that_says_why(
     result.stdout.fnmatch_lines(
         ["*could not find test_*moving_id*in its worker*leave it unmarked*"]
     )
+
+
+@pytest.mark.parametrize(("scope", "setups"), [("session", 1), ("module", 2), ("function", 4)])
+def test_a_session_fixture_lives_as_long_as_its_worker(
+    pytester: pytest.Pytester, scope: str, setups: int
+) -> None:
+    log = pytester.path / "setups.txt"
+    pytester.makeconftest(
+        f"""
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def resource():
+            with open({str(log)!r}, "a") as f:
+                f.write("setup\\n")
+            yield
+            with open({str(log)!r}, "a") as f:
+                f.write("teardown\\n")
+        """
+    )
+    body = "def test_one(resource): pass\n\ndef test_two(resource): pass\n"
+    pytester.makepyfile(test_a=body, test_b=body)
+    run(pytester, "--subprocess", f"--subprocess-scope={scope}").assert_outcomes(passed=4)
+    assert log.read_text() == "setup\nteardown\n" * setups

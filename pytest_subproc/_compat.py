@@ -162,6 +162,15 @@ def next_item(item: pytest.Item, after: Optional[tuple[str, ...]], items: dict[s
     return _Chain(kept)
 
 
+def collectors_kept(item: pytest.Item) -> bool:
+    """Whether, in the item's teardown, some of its collectors were taken off pytest's stack.
+
+    pytest-rerunfailures does so before a rerun, so that they are not torn down.
+    """
+    stack = item.session._setupstate.stack
+    return any(node not in stack for node in item.listchain()[:-1])
+
+
 def teardown_all(session: pytest.Session) -> None:
     """Finalize everything still set up (the worker's scope is ending)."""
     session._setupstate.teardown_exact(None)

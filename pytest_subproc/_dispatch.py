@@ -75,6 +75,8 @@ class Runtime:
     positions: dict[int, int] = field(default_factory=dict)  # id(item) -> index in session.items
     # By worker: the process (its start count) that collected these files.
     readied: dict[Worker, tuple[int, set[str]]] = field(default_factory=dict)
+    # Scope nodes whose finalizer, which ends their worker, is yet to be added.
+    rearm: set[Node] = field(default_factory=set)
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Runtime:
@@ -176,9 +178,7 @@ class Runtime:
         scope = item.stash[SETTINGS].scope
         try:
             if worker is not None and worker.starts == starts and worker.serving:
-                after = self._next_here(item, scope)
-                chain = None if after is None else tuple(n.nodeid for n in after.listchain())
-                self._phase(item, worker, "teardown", chain)
+                self._phase(item, worker, "teardown", self._kept_chain(item, scope))
         finally:
             if scope == "function":
                 self.release(item, finish=False)
@@ -208,6 +208,17 @@ class Runtime:
             raise _errors.load_exception(result.error)
         if result.text is not None:
             raise pytest.fail.Exception(result.text, pytrace=False)
+
+    def _kept_chain(self, item: pytest.Item, scope: str) -> Optional[tuple[str, ...]]:
+        """The node ids of the collectors the worker keeps set up after this teardown."""
+        if scope != "function" and _compat.collectors_kept(item):
+            # A rerun plugin took them off this process's stack, to keep them
+            # set up for the next attempt: so does the worker. Their
+            # finalizers went with them, the worker's end among them.
+            self.rearm.add(scope_node(item, scope))
+            return tuple(n.nodeid for n in item.listchain()[:-1])
+        after = self._next_here(item, scope)
+        return None if after is None else tuple(n.nodeid for n in after.listchain())
 
     def _next_here(self, item: pytest.Item, scope: str) -> Optional[pytest.Item]:
         """The next test that runs in this item's worker, or None if its scope ends first."""
@@ -250,7 +261,10 @@ class Runtime:
             if request is not None:
                 request.addfinalizer(lambda: self.release(owner, finish=False))
             elif scope != "function":  # a test's own worker ends with its teardown
-                owner.addfinalizer(lambda: self.release(owner, finish=True))
+                self.rearm.add(owner)
+        if owner in self.rearm:
+            self.rearm.discard(owner)
+            owner.addfinalizer(lambda: self.release(owner, finish=True))
         return worker
 
     def release(self, owner: Node, *, finish: bool) -> None:

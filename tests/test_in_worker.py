@@ -512,3 +512,35 @@ def test_a_session_fixture_lives_as_long_as_its_worker(
     pytester.makepyfile(test_a=body, test_b=body)
     run(pytester, "--subprocess", f"--subprocess-scope={scope}").assert_outcomes(passed=4)
     assert log.read_text() == "setup\nteardown\n" * setups
+
+
+def test_a_rerun_keeps_the_module_fixture_as_in_process(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("pytest_rerunfailures")
+    log = pytester.path / "log.txt"
+    pytester.makepyfile(
+        test_flaky=f"""
+        import pytest
+
+        @pytest.fixture(scope="module")
+        def resource():
+            with open({str(log)!r}, "a") as f:
+                f.write("setup\\n")
+            yield
+            with open({str(log)!r}, "a") as f:
+                f.write("teardown\\n")
+
+        pytestmark = pytest.mark.subprocess
+        ATTEMPTS = []
+
+        def test_flaky(resource):
+            ATTEMPTS.append(1)
+            assert len(ATTEMPTS) > 1
+
+        def test_after(resource):
+            pass
+        """
+    )
+    result = run(pytester, "-p", "rerunfailures", "--reruns", "1")
+    assert result.parseoutcomes() == {"passed": 2, "rerun": 1}
+    # The module fixture is kept set up across the rerun, as in-process.
+    assert log.read_text() == "setup\nteardown\n"

@@ -544,3 +544,26 @@ def test_a_rerun_keeps_the_module_fixture_as_in_process(pytester: pytest.Pyteste
     assert result.parseoutcomes() == {"passed": 2, "rerun": 1}
     # The module fixture is kept set up across the rerun, as in-process.
     assert log.read_text() == "setup\nteardown\n"
+
+
+def test_async_under_anyio(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("anyio")
+    pytester.makepyfile(
+        """
+        import os, anyio, pytest
+
+        PARENT = os.environ["PARENT_PID"]
+
+        @pytest.fixture
+        def anyio_backend():
+            return "asyncio"
+
+        @pytest.mark.anyio
+        @pytest.mark.subprocess
+        async def test_async():
+            await anyio.sleep(0)
+            assert str(os.getpid()) != PARENT
+        """
+    )
+    pytester.makeconftest("import os\nos.environ.setdefault('PARENT_PID', str(os.getpid()))\n")
+    run(pytester, "-p", "anyio").assert_outcomes(passed=1)

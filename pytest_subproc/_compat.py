@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import socket
 import threading
 from collections.abc import Iterable, Sequence
@@ -75,9 +76,26 @@ def junitxml(config: pytest.Config) -> Any:
     return config.stash.get(xml_key, None)
 
 
+class _Nowhere(io.StringIO):
+    """A file that keeps nothing written to it."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
 def start_session(config: pytest.Config) -> pytest.Session:
-    """Make the session and start it, without a terminal to report to."""
-    config.pluginmanager.unregister(name="terminalreporter")
+    """Make the session and start it, its terminal reporter writing nowhere.
+
+    The reporter stays registered: pytest 8 asks it for its writer to
+    explain a failed assertion. A worker has no terminal of its own.
+    """
+    from _pytest._io import TerminalWriter
+
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        writer = TerminalWriter(_Nowhere())
+        writer.hasmarkup = False
+        reporter._tw = writer
     session = pytest.Session.from_config(config)
     config.hook.pytest_sessionstart(session=session)
     return session

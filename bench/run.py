@@ -6,11 +6,11 @@
     python bench/run.py --only contention --load busy,xdist --rounds 3
 
 ``worker`` times the worker layer against raw pipes and spawns; ``suite``
-times a suite of trivial tests in-process, under the marker's scopes and
-under pytest-forked; ``contention`` runs that suite and one whose tests use
-fixtures of every scope, on a quiet machine, beside one busy loop per core
-and under pytest-xdist, against in-process and pytest-forked runs under the
-same load. Targets are printed next to the figures; a missed target or a
+times a suite of trivial tests, and one whose tests use fixtures of each
+scope, in-process, under the marker's scopes and under pytest-forked;
+``contention`` runs those suites on a quiet machine, beside one busy loop per
+core and under pytest-xdist, against in-process and pytest-forked runs under
+the same load. Targets are printed next to the figures; a missed target or a
 failing configuration is reported, and the exit code stays 0.
 """
 

@@ -1,4 +1,7 @@
-"""A suite of trivial tests run in-process, under the marker's scopes and under pytest-forked.
+"""Two suites, run in-process, under the marker's scopes and under pytest-forked.
+
+One of trivial tests; one whose tests each use a session, a module and a
+function fixture and ``tmp_path``.
 
 Each configuration runs as ``python -m pytest -q -p no:cacheprovider`` in the
 benchmark's own environment (see ``bench/_venv.py``), timed three ways: the
@@ -111,15 +114,40 @@ def pytest_unconfigure(config):
 """
 
 
-def write_suite(directory: Path, marker: str, tests: int) -> None:
-    """``tests`` trivial tests, ``PER_MODULE`` to a module, each under ``marker``."""
+# The fixture suite's tests each use a fixture of each scope, and tmp_path.
+FIXTURES = """
+
+@pytest.fixture(scope="session")
+def session_resource():
+    yield {"connections": 0}
+
+
+@pytest.fixture(scope="module")
+def module_resource(session_resource):
+    session_resource["connections"] += 1
+    yield [session_resource]
+
+
+@pytest.fixture
+def function_resource(module_resource):
+    return len(module_resource)
+"""
+FIXTURE_TEST_ARGS = "session_resource, module_resource, function_resource, tmp_path"
+
+
+def write_suite(directory: Path, marker: str, tests: int, fixtures: bool = False) -> None:
+    """``tests`` tests, ``PER_MODULE`` to a module, each under ``marker``.
+
+    The tests are trivial, or with ``fixtures`` use a fixture of each scope and tmp_path.
+    """
     directory.mkdir(parents=True)
     (directory / "pytest.ini").write_text("[pytest]\n")
-    (directory / "conftest.py").write_text(CONFTEST)
+    (directory / "conftest.py").write_text(CONFTEST + (FIXTURES if fixtures else ""))
+    args = FIXTURE_TEST_ARGS if fixtures else ""
     for first in range(0, tests, PER_MODULE):
         lines = ["import pytest", ""]
         for i in range(first, min(first + PER_MODULE, tests)):
-            lines += ["", *([marker] if marker else []), f"def test_{i:04d}():"]
+            lines += ["", *([marker] if marker else []), f"def test_{i:04d}({args}):"]
             lines += [f"    i = {i}", "    assert i + 1 == i + 1", ""]
         name = f"test_mod_{first // PER_MODULE:02d}.py"
         (directory / name).write_text("\n".join(lines))
@@ -245,7 +273,12 @@ def _environment() -> tuple[Path, dict[str, str], str]:
 
 
 def run(quick: bool) -> str:
-    """Run the suite in every configuration and return the report."""
+    """Run the trivial suite and the fixture suite in every configuration; return the reports."""
+    return "\n\n".join(run_kind(quick, fixtures) for fixtures in (False, True))
+
+
+def run_kind(quick: bool, fixtures: bool) -> str:
+    """Run one suite in every configuration and return its report."""
     tests = 200 if quick else 1000
     repeats = 1 if quick else 5
     python, env, about = _environment()
@@ -255,7 +288,7 @@ def run(quick: bool) -> str:
         for config in CONFIGS:
             directory = Path(tmp) / (config.key if config.marker else "plain")
             if not directory.exists():
-                write_suite(directory, config.marker, tests)
+                write_suite(directory, config.marker, tests, fixtures)
                 # Untimed: pytest writes the assertion-rewritten modules' cache here.
                 run_pytest(python, directory, ("--collect-only",), env, 300)
             dirs[config.key] = directory
@@ -266,8 +299,13 @@ def run(quick: bool) -> str:
                     continue
                 progress(f"suite: {config.label}, {tests} tests, run {rep + 1} of {repeats}")
                 measure(config, python, dirs[config.key], env, tests, result)
+    kind = (
+        "tests using a session, a module and a function fixture and tmp_path"
+        if fixtures
+        else "trivial tests"
+    )
     head = (
-        f"Suite: {tests} trivial tests, {PER_MODULE} per module, {repeats} round(s); overheads "
+        f"Suite: {tests} {kind}, {PER_MODULE} per module, {repeats} round(s); overheads "
         f"are medians of each run less the in-process run of its round "
         f"(function scope: 1)\n{about}"
     )

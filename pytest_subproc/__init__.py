@@ -1,4 +1,9 @@
-"""Run pytest test bodies in warm, scoped subprocess workers."""
+"""Run pytest tests in warm, scoped subprocess workers.
+
+PYTEST_DONT_REWRITE: the worker template imports this package before it
+configures pytest, which would otherwise warn that it cannot rewrite it
+(an error under ``filterwarnings = error``).
+"""
 
 from pytest_subproc._exceptions import (
     ChildTraceException,

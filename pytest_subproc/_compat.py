@@ -1,236 +1,271 @@
 """Every use of pytest's private API, in one place, for pytest 7, 8 and 9.
 
-Worker side: counterparts of the built-in fixtures that act on the process a
-test runs in, and assertion explanations outside a pytest session. Parent
-side: the test function's own argument names and a monkeypatch's undo lists.
+All of it runs in the worker: making a config and session from arguments,
+collecting one file under the session's collectors, and running one phase
+of an item inside the wrappers pytest puts around a whole test.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import marshal
-import warnings
-from collections.abc import Iterator
+import importlib
+import io
+import socket
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Optional
 
 import pytest
 
-# Built-in fixtures whose value acts on the process the test runs in: the
-# worker builds its own instead of receiving the parent's.
-COUNTERPARTS = (
-    "monkeypatch",
-    "capsys",
-    "capsysbinary",
-    "capfd",
-    "capfdbinary",
-    "caplog",
-    "recwarn",
-    "request",
-)
+
+def parsed_config(args: list[str]) -> pytest.Config:
+    """Parse arguments, ini file, plugins and initial conftests as ``pytest`` does."""
+    from _pytest.config import _prepareconfig
+
+    return _prepareconfig(args)
 
 
-# The rewritten code of each test module pytest imported, marshalled, by path:
-# a worker need not rewrite the module again.
-_REWRITTEN: dict[str, bytes] = {}
+def quiet_plugins(config: pytest.Config) -> None:
+    """Stop what plugins started that a worker has no use for, and that forbids forking.
 
-
-def _kept(path: Any, code: Any) -> None:
-    with contextlib.suppress(Exception):  # a code object marshal refuses: rewrite instead
-        _REWRITTEN[str(path)] = marshal.dumps(code)
-
-
-@contextlib.contextmanager
-def rewritten_modules_kept() -> Iterator[None]:
-    """Keep the code pytest's assertion rewriter produces or reads from its cache."""
-    from _pytest.assertion import rewrite
-
-    rewrite_test, read_pyc = rewrite._rewrite_test, rewrite._read_pyc
-
-    def kept_rewrite(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        result = rewrite_test(fn, *args, **kwargs)
-        _kept(fn, result[1])
-        return result
-
-    def kept_read(source: Any, *args: Any, **kwargs: Any) -> Any:
-        code = read_pyc(source, *args, **kwargs)
-        if code is not None:
-            _kept(source, code)
-        return code
-
-    rewrite._rewrite_test, rewrite._read_pyc = kept_rewrite, kept_read
+    pytest-rerunfailures serves its xdist status database from a thread in
+    every run that has xdist installed; a worker never reruns anything.
+    """
+    db = getattr(config, "failures_db", None)
+    sock = getattr(db, "sock", None)
+    if not isinstance(sock, socket.socket):
+        return
+    # The plugin's own no-op database, the one it uses where xdist is absent.
+    config.failures_db = importlib.import_module(type(db).__module__).StatusDB()  # type: ignore[attr-defined]
+    server = [t for t in threading.enumerate() if t.daemon and t is not threading.current_thread()]
+    hook = threading.excepthook
+    threading.excepthook = lambda args: None  # its accept() fails: that is the point
     try:
-        yield
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        sock.close()
+        for thread in server:
+            thread.join(1.0)
     finally:
-        rewrite._rewrite_test, rewrite._read_pyc = rewrite_test, read_pyc
+        threading.excepthook = hook
 
 
-def rewritten_code(path: str) -> Optional[bytes]:
-    """The marshalled rewritten code of the test module at ``path``, if pytest made it."""
-    return _REWRITTEN.get(path)
+def share_dirs(config: pytest.Config, basetemp: Optional[str], cachedir: Optional[str]) -> None:
+    """Point ``tmp_path`` and ``cache`` at the parent's directories."""
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is not None and basetemp is not None:
+        # Set directly: a --basetemp would be emptied first, and it is the parent's.
+        factory._basetemp = Path(basetemp)
+    cache = getattr(config, "cache", None)
+    if cache is not None and cachedir is not None:
+        cache._cachedir = Path(cachedir)
 
 
-def function_argnames(item: pytest.Function) -> tuple[str, ...]:
-    """Return the names the test function itself takes (not autouse fixtures)."""
-    return tuple(item._fixtureinfo.argnames)
+def set_junitxml(config: pytest.Config, report: Any) -> None:
+    """Give the record_xml_attribute and record_testsuite_property fixtures a report to use."""
+    from _pytest.junitxml import xml_key
+
+    config.stash[xml_key] = report
 
 
-def monkeypatch_targets(mp: pytest.MonkeyPatch) -> list[str]:
-    """Describe the setattr/setitem/delattr patches a MonkeyPatch holds, bar os.environ."""
-    import os
+def junitxml(config: pytest.Config) -> Any:
+    """The junitxml report this run writes, or None."""
+    from _pytest.junitxml import xml_key
 
-    found = []
-    for obj, name, _ in getattr(mp, "_setattr", []):
-        found.append(f"{getattr(obj, '__name__', type(obj).__name__)}.{name}")
-    for mapping, key, _ in getattr(mp, "_setitem", []):
-        if mapping is not os.environ:  # the environment is sent to the worker
-            found.append(f"{type(mapping).__name__}[{key!r}]")
-    return found
+    return config.stash.get(xml_key, None)
 
 
-def _capture_fixture(kind: str) -> Any:
-    from _pytest import capture
+class _Nowhere(io.StringIO):
+    """A file that keeps nothing written to it."""
 
-    classes = {
-        "capsys": capture.SysCapture,
-        "capsysbinary": capture.SysCaptureBinary,
-        "capfd": capture.FDCapture,
-        "capfdbinary": capture.FDCaptureBinary,
-    }
-
-    class WorkerCapture(capture.CaptureFixture):  # type: ignore[type-arg]
-        @contextlib.contextmanager
-        def disabled(self) -> Iterator[None]:
-            """Let output through to the worker's own output while inside the block."""
-            self._suspend()
-            try:
-                yield
-            finally:
-                self._resume()
-
-    return WorkerCapture(classes[kind], None, _ispytest=True)  # type: ignore[arg-type]
+    def write(self, text: str) -> int:
+        return len(text)
 
 
-@contextlib.contextmanager
-def _capture(kind: str) -> Iterator[Any]:
-    fixture = _capture_fixture(kind)
-    fixture._start()
+def start_session(config: pytest.Config) -> pytest.Session:
+    """Make the session and start it, its terminal reporter writing nowhere.
+
+    The reporter stays registered: pytest 8 asks it for its writer to
+    explain a failed assertion. A worker has no terminal of its own.
+    """
+    from _pytest._io import TerminalWriter
+
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        writer = TerminalWriter(_Nowhere())
+        writer.hasmarkup = False
+        reporter._tw = writer
+    session = pytest.Session.from_config(config)
+    config.hook.pytest_sessionstart(session=session)
+    return session
+
+
+def collect_file(session: pytest.Session, path: Path) -> tuple[list[pytest.Item], list[str]]:
+    """Collect the items of one file, and the errors met on the way.
+
+    The directories above it are collected once per session, as in a run of
+    the whole suite, so package fixtures live across the files of a worker.
+    """
+    if not hasattr(session, "_collect_path"):  # pytest 7: a fresh tree per file
+        return _collected_by_args(session, path)
+    paths = [path]
+    for parent in path.parents:
+        if not session.config.pluginmanager._is_in_confcutdir(parent):
+            break
+        paths.insert(0, parent)
+    cache = session.stash.setdefault(_PATH_CACHE, {})
+    nodes: Sequence[Any] = session._collect_path(paths[0], cache)
+    errors: list[str] = []
+    for part in paths[1:]:
+        nodes = [n for node in nodes for n in _children(session, node, errors) if n.path == part]
+    items: list[pytest.Item] = []
+    for node in nodes:
+        items.extend(_items(session, node, errors))
+    return items, errors
+
+
+_PATH_CACHE = pytest.StashKey[dict[Path, Sequence[Any]]]()
+
+
+def _children(session: pytest.Session, node: Any, errors: list[str]) -> Iterable[Any]:
+    if isinstance(node, pytest.Item):
+        return ()
+    rep, _ = session._collect_one_node(node)
+    if rep.failed:
+        errors.append(f"{node.nodeid}: {rep.longreprtext}")
+    return rep.result if rep.passed else ()
+
+
+def _items(session: pytest.Session, node: Any, errors: list[str]) -> Iterable[pytest.Item]:
+    if isinstance(node, pytest.Item):
+        yield node
+        return
+    for sub in _children(session, node, errors):
+        yield from _items(session, sub, errors)
+
+
+def _collected_by_args(session: pytest.Session, path: Path) -> tuple[list[pytest.Item], list[str]]:
     try:
-        yield fixture
-    finally:
-        fixture.close()
+        return list(session.perform_collect([str(path)])), []
+    except pytest.UsageError as exc:
+        return [], [str(exc)]
 
 
-class _LogItem:
-    """Just enough of an item for LogCaptureFixture: a stash with the handler."""
+class _Chain:
+    """Stands for the next item of this worker where it is not collected here yet.
 
-    def __init__(self, handler: Any) -> None:
-        from _pytest import logging as plog
+    Teardown only asks it for its chain of collectors, to keep those set up.
+    """
 
-        self.stash = pytest.Stash()
-        self.stash[plog.caplog_handler_key] = handler
-        self.stash[plog.caplog_records_key] = {"setup": [], "call": handler.records, "teardown": []}
+    def __init__(self, chain: list[Any]) -> None:
+        self.chain = chain
 
-
-@contextlib.contextmanager
-def _caplog() -> Iterator[Any]:
-    from _pytest import logging as plog
-
-    handler = plog.LogCaptureHandler()
-    with plog.catching_logs(handler):
-        fixture = plog.LogCaptureFixture(_LogItem(handler), _ispytest=True)  # type: ignore[arg-type]
-        try:
-            yield fixture
-        finally:
-            fixture._finalize()
+    def listchain(self) -> list[Any]:
+        return self.chain
 
 
-@contextlib.contextmanager
-def _recwarn() -> Iterator[Any]:
-    recorder = pytest.WarningsRecorder(_ispytest=True)
-    with recorder:
-        warnings.simplefilter("default")
-        yield recorder
-
-
-@contextlib.contextmanager
-def _monkeypatch() -> Iterator[pytest.MonkeyPatch]:
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
-
-
-def counterpart(kind: str) -> contextlib.AbstractContextManager[Any]:
-    """Return a context manager giving the worker-side counterpart of a built-in fixture."""
-    if kind in ("capsys", "capsysbinary", "capfd", "capfdbinary"):
-        return _capture(kind)
-    factories = {"caplog": _caplog, "recwarn": _recwarn, "monkeypatch": _monkeypatch}
-    return factories[kind]()
-
-
-class _ExplanationConfig:
-    """The part of pytest's Config that assertion explanations read."""
-
-    def __init__(self, verbosity: int) -> None:
-        self.verbosity = verbosity
-
-    def getoption(self, name: str, default: Any = None) -> Any:
-        return self.verbosity if name == "verbose" else default
-
-    def get_verbosity(self, verbosity_type: Any = None) -> int:
-        return self.verbosity
-
-    def getini(self, name: str) -> Any:
+def next_item(item: pytest.Item, after: Optional[tuple[str, ...]], items: dict[str, Any]) -> Any:
+    """The next item this worker runs, as teardown wants it (None: tear down everything)."""
+    if after is None:
         return None
-
-    def get_terminal_writer(self) -> _PlainWriter:
-        return _PlainWriter()
-
-
-class _PlainWriter:
-    """A terminal writer that highlights nothing: explanations travel as plain text."""
-
-    def _highlight(self, source: str, lexer: str = "python") -> str:
-        return source
-
-
-def _comparer(util: Any, verbosity: int) -> Any:
-    """Return compare(op, left, right) -> lines, for the running pytest's signature."""
-    if "config" in inspect.signature(util.assertrepr_compare).parameters:
-        config = _ExplanationConfig(verbosity)  # pytest 7 to 9.1 read a Config
-        return lambda op, left, right: util.assertrepr_compare(config, op, left, right)
-    plain = getattr(util, "dummy_highlighter", _PlainWriter()._highlight)
-
-    def compare(op: str, left: object, right: object) -> list[str]:
-        return list(
-            util.assertrepr_compare(
-                op,
-                left,
-                right,
-                verbose=verbosity,
-                highlighter=plain,
-                assertion_text_diff_style="ndiff",  # the ini key's default
-            )
-        )
-
-    return compare
+    found = items.get(after[-1])
+    if found is not None:
+        return found
+    kept = []
+    for node, nodeid in zip(item.session._setupstate.stack, after):
+        if node.nodeid != nodeid:
+            break
+        kept.append(node)
+    return _Chain(kept)
 
 
-def install_assert_explanations(verbosity: int) -> None:
-    """Make rewritten asserts explain comparisons (list and dict diffs) as under pytest."""
-    from _pytest.assertion import util
+def collectors_kept(item: pytest.Item) -> bool:
+    """Whether, in the item's teardown, some of its collectors were taken off pytest's stack.
 
-    if getattr(util._reprcompare, "verbosity", None) == verbosity:
-        return  # installed by an earlier test in this worker
-    compare = _comparer(util, verbosity)
+    pytest-rerunfailures does so before a rerun, so that they are not torn down.
+    """
+    stack = item.session._setupstate.stack
+    return any(node not in stack for node in item.listchain()[:-1])
 
-    def explain(op: str, left: object, right: object) -> Any:
-        try:
-            lines = compare(op, left, right)
-        except Exception:  # an explanation must never replace the assertion itself
-            return None
-        if not lines:
-            return None
-        return "\n~".join(line.replace("\n", "\\n") for line in lines).replace("%", "%%")
 
-    explain.verbosity = verbosity  # type: ignore[attr-defined]
-    util._reprcompare = explain
+def teardown_all(session: pytest.Session) -> None:
+    """Finalize everything still set up (the worker's scope is ending)."""
+    session._setupstate.teardown_exact(None)
+
+
+def run_phase(item: pytest.Item, when: str, nextitem: Any) -> Optional[Any]:
+    """Run one phase as pytest's runner does; return its ExceptionInfo, if it raised.
+
+    Its report is made too, so that hooks reading it (and unittest's
+    recorded failures) see it; the worker sends back only the exception.
+    """
+    from _pytest.runner import CallInfo
+
+    def phase() -> None:
+        if when == "setup":
+            _setup(item)
+        elif when == "call":
+            item.ihook.pytest_runtest_call(item=item)
+        else:
+            try:
+                item.ihook.pytest_runtest_teardown(item=item, nextitem=nextitem)
+            finally:
+                if hasattr(item, "_request"):  # as runtestprotocol lets them go
+                    item._request = False
+                    item.funcargs = None  # type: ignore[attr-defined]
+
+    call = CallInfo.from_call(phase, when=when)  # type: ignore[arg-type]
+    item.ihook.pytest_runtest_makereport(item=item, call=call)
+    return call.excinfo
+
+
+def _setup(item: pytest.Item) -> None:
+    if hasattr(item, "_request") and not item._request:
+        item._initrequest()  # type: ignore[attr-defined] # run again here (a rerun)
+    state = item.session._setupstate
+    chain = item.listchain()
+    if any(node not in chain for node in state.stack):
+        state.teardown_exact(item)  # left set up by an item that never came
+    item.ihook.pytest_runtest_setup(item=item)
+
+
+class Protocol:
+    """The ``pytest_runtest_protocol`` wrappers of one item, entered at setup, left after teardown.
+
+    In pytest they wrap the item's three phases at once: warning filters and
+    recording, assertion explanations, plugins' own. The implementations
+    that run the protocol itself (pytest's runner, rerun plugins) are left
+    out: the parent runs the protocol, the worker its phases.
+    """
+
+    def __init__(self, item: pytest.Item) -> None:
+        self._open: list[tuple[Any, bool]] = []
+        kwargs = {"item": item, "nextitem": None}
+        for impl in reversed(item.ihook.pytest_runtest_protocol.get_hookimpls()):
+            old = bool(impl.hookwrapper)
+            if not (old or getattr(impl, "wrapper", False)):
+                continue
+            gen: Any = impl.function(*(kwargs[name] for name in impl.argnames))
+            try:
+                next(gen)
+            except BaseException:
+                self.close()
+                raise
+            self._open.append((gen, old))
+
+    def close(self) -> None:
+        """Leave the wrappers, innermost first; raise the first error one raised."""
+        import pluggy
+
+        errors: list[BaseException] = []
+        while self._open:
+            gen, old = self._open.pop()
+            try:
+                gen.send(pluggy.Result(True, None) if old else True)
+            except StopIteration:
+                pass
+            except BaseException as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]

@@ -1,51 +1,57 @@
-"""The parent's runtime: route marked tests to scoped workers, keep the books."""
+"""The parent's runtime: hand each phase of a marked test to its scoped worker, keep the books.
+
+pytest's run protocol stays here: its hooks run for every test as usual. A
+marked test's own ``setup``, ``runtest`` and ``teardown`` are replaced by
+requests that have its worker run that phase on the worker's own item
+(``_worker_items`` runs there), and raise what the worker raised.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import os
 import sys
-import unittest
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import pytest
 
-from pytest_subproc import _compat, _errors, _runbody, _wire
+from pytest_subproc import _compat, _errors, _wire, _worker_items
 from pytest_subproc._exceptions import WorkerCrashed, WorkerStartError, WorkerTimeout
-from pytest_subproc._process import PACKAGE_ROOT, Reply, Worker, child_env
-from pytest_subproc._report import replay, stack_traceback, traceback_at_test, warn_return
-from pytest_subproc._settings import MARKER, Defaults, Settings, for_item
-from pytest_subproc._spec import SPEC, SubprocessWarning, unsendable
+from pytest_subproc._process import PACKAGE_ROOT, Worker, child_env
+from pytest_subproc._report import replay, stack_traceback, traceback_at_test, where
+from pytest_subproc._settings import Defaults, Settings, for_item
 from pytest_subproc._subworker import relay_output
 from pytest_subproc._template import Template
 from pytest_subproc._wire import Kind
 
 SETTINGS = pytest.StashKey[Settings]()
-# The warning due at setup for a marked test that runs in the pytest process.
-UNSHIPPED = pytest.StashKey[SubprocessWarning]()
+# The worker that set an item up, and which of its processes (its start count).
+_SET_UP_BY = pytest.StashKey[tuple[Worker, int]]()
+# The next item pytest runs after this one (teardown's ``nextitem``).
+NEXT = pytest.StashKey[Optional[pytest.Item]]()
 # How many workers to fork ahead: a module lasts long enough for one to be
 # ready in time; a test often does not, and a fork takes a few milliseconds.
 _AHEAD = {"module": 1, "function": 2}
 
-
-def worker_fixture(scope: str) -> str:
-    """Name the fixture that owns the worker of ``scope``."""
-    return f"_subprocess_worker_{scope}"
+Node = Union[pytest.Item, pytest.Collector]
 
 
-def shippable(item: pytest.Item) -> bool:
-    """Whether the item's body can run in a worker (plain Python test functions)."""
-    if not isinstance(item, pytest.Function):
-        return False
-    cls = getattr(item, "cls", None)
-    if cls is not None and issubclass(cls, unittest.TestCase):
-        return False  # unittest runs the method itself, never through pytest_pyfunc_call
-    obj = getattr(item, "obj", None)
-    return callable(obj) and not (
-        inspect.iscoroutinefunction(obj) or inspect.isasyncgenfunction(obj)
-    )
+class SubprocessWarning(pytest.PytestWarning):
+    """Something about a marked test that the user should know."""
+
+
+def scope_node(item: Node, scope: str) -> Node:
+    """The node whose life a worker of ``scope`` follows: the session, the test's file, the test."""
+    if scope == "session":
+        return item.session
+    if scope == "module":
+        return item.getparent(pytest.File) or item
+    return item
+
+
+def _file_of(node: Node) -> str:
+    return str(node.path)
 
 
 @dataclass
@@ -53,8 +59,8 @@ class Runtime:
     """Run-wide state, one per pytest process (so one per xdist worker)."""
 
     defaults: Defaults
+    config: Optional[pytest.Config] = None
     capture: bool = True
-    verbosity: int = 0
     workers: int = 0
     restarts: int = 0
     live: list[Worker] = field(default_factory=list)
@@ -63,81 +69,285 @@ class Runtime:
     crashed: list[tuple[pytest.Item, Union[WorkerCrashed, WorkerTimeout]]] = field(
         default_factory=list
     )
+    # The scope each worker serves, for the plugin's hooks to tell.
+    scopes: dict[Worker, str] = field(default_factory=dict)
+    # Workers closed since the hooks were last called for them.
+    retired: list[Worker] = field(default_factory=list)
     template: Optional[Template] = None
-    # Forked ahead, oldest first, to be the next modules' or tests' workers.
+    # Forked ahead, oldest first, to be the next files' or tests' workers.
     spares: list[Worker] = field(default_factory=list)
-    modules: list[tuple[str, str]] = field(default_factory=list)  # isolated, in run order
+    files: list[str] = field(default_factory=list)  # of isolated tests, in run order
+    owned: dict[Node, Worker] = field(default_factory=dict)  # by the node whose life they follow
+    spec: Optional[_worker_items.ConfigSpec] = None
+    forked: bool = True  # False once configuring in the template started a thread
+    positions: dict[int, int] = field(default_factory=dict)  # id(item) -> index in session.items
+    # By worker: the process (its start count) that collected these files.
+    readied: dict[Worker, tuple[int, set[str]]] = field(default_factory=dict)
+    # Scope nodes whose finalizer, which ends their worker, is yet to be added.
+    rearm: set[Node] = field(default_factory=set)
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Runtime:
         """Build the runtime from validated options."""
         return cls(
             Defaults.from_config(config),
+            config=config,
             capture=config.getoption("capture") != "no",
-            verbosity=config.getoption("verbose"),
         )
 
     def prepare(self, item: pytest.Item) -> None:
-        """Resolve an item's settings and have it request its scope's worker."""
+        """Resolve an item's settings; a marked item's phases are handed to its worker."""
         settings = for_item(item, self.defaults)
-        # A test that drives the worker by hand through `subworker` runs in the
-        # parent; its marker still picks the worker's scope.
-        by_hand = "subworker" in getattr(item, "fixturenames", ())
-        isolated = settings.isolated and shippable(item) and not by_hand
-        if settings.isolated and not isolated:
+        # A test that drives the worker by hand through `subworker` runs here;
+        # its marker still picks the worker's scope.
+        if settings.isolated and "subworker" in getattr(item, "fixturenames", ()):
             settings = Settings(isolated=False, scope=settings.scope, timeout=settings.timeout)
-            if not by_hand and item.get_closest_marker(MARKER) is not None:
-                # Warned at the test's setup, not here: under `-W error` a
-                # warning at collection aborts the whole run.
-                item.stash[UNSHIPPED] = SubprocessWarning(
-                    f"{item.nodeid} is marked subprocess, but pytest_subproc cannot "
-                    "ship it (unittest, async or non-Python test): it runs in the "
-                    "pytest process"
-                )
         item.stash[SETTINGS] = settings
-        if isolated:
-            item.fixturenames.append(worker_fixture(settings.scope))  # type: ignore[attr-defined]
-            module = (item.module.__name__, _module_path(item))  # type: ignore[attr-defined]
-            if module not in self.modules:
-                self.modules.append(module)
+        if not settings.isolated:
+            return
+        # Instance attributes: pytest's runner calls these, and only these run
+        # the item's own fixtures and body.
+        item.setup = lambda: self.setup(item)  # type: ignore[method-assign]
+        item.runtest = lambda: self.call(item)  # type: ignore[method-assign]
+        item.teardown = lambda: self.teardown(item)  # type: ignore[method-assign]
+        path = _file_of(item)
+        if not self.files or self.files[-1] != path:
+            self.files.append(path)
+
+    def config_spec(self) -> _worker_items.ConfigSpec:
+        """What a worker needs to configure pytest as this process did."""
+        if self.spec is None:
+            config = self.config
+            assert config is not None
+            factory = getattr(config, "_tmp_path_factory", None)
+            cache = getattr(config, "cache", None)
+            xml = _compat.junitxml(config)
+            self.spec = _worker_items.ConfigSpec(
+                args=tuple(str(a) for a in config.invocation_params.args),
+                dir=str(config.invocation_params.dir),
+                path=tuple(sys.path),
+                basetemp=str(factory.getbasetemp()) if factory is not None else None,
+                cachedir=str(cache._cachedir) if cache is not None else None,
+                junit_family=getattr(xml, "family", None),
+            )
+        return self.spec
 
     def warm_up(self) -> None:
         """Start the template now (without waiting), if workers will be forked."""
-        if self.template is None and self.defaults.start == "fork":
-            self.template = Template(child_env(), PACKAGE_ROOT, self.defaults.preload)
+        if self.template is None and self.defaults.start == "fork" and self.forked:
+            self.template = Template(
+                child_env(), PACKAGE_ROOT, self.defaults.preload, configure=self.config_spec()
+            )
         if self.template is not None:
             self.template.launch()
 
-    def new_worker(self, node: pytest.Item | pytest.Collector, scope: str) -> Worker:
-        """Return a worker for one scope instance (its test or module); it starts on first use."""
+    # The three phases, in place of the item's own methods.
+
+    def setup(self, item: pytest.Item) -> None:
+        """Have the item's worker set it up: its fixtures, of every scope, run there."""
+        __tracebackhide__ = True
+        try:
+            worker = self.worker_for(item, item.stash[SETTINGS].scope)
+            self._ready(worker, _file_of(item))
+        except (WorkerStartError, OSError) as exc:
+            raise self.start_failed(item, exc) from None
+        try:
+            self._phase(item, worker, "setup")
+        finally:
+            item.stash[_SET_UP_BY] = (worker, worker.starts)
+
+    def _ready(self, worker: Worker, path: str) -> None:
+        """Have a worker configure pytest and collect a file, outside any test's timeout.
+
+        A forked worker has pytest configured already; a spawned one does it
+        now. What fails here fails again, and is reported, in the setup.
+        """
+        worker.start()
+        starts, files = self.readied.get(worker, (-1, set()))
+        if starts != worker.starts:
+            starts, files = worker.starts, set()
+            self.readied[worker] = (starts, files)
+        if path not in files and path not in worker.preloaded:  # forked with it collected
+            files.add(path)
+            call: tuple[Any, ...] = (_worker_items.preload, (self.config_spec(), path), {})
+            relay_output(worker.request(Kind.CALL, call))
+
+    def call(self, item: pytest.Item) -> None:
+        """Have the item's worker run its body."""
+        __tracebackhide__ = True
+        worker, starts = item.stash[_SET_UP_BY]
+        if worker.starts != starts or not worker.serving:
+            raise WorkerCrashed(
+                f"the worker that set up {item.nodeid} died before its call",
+                pid=worker.pid or 0,
+                exitcode=None,
+            )
+        self._phase(item, worker, "call")
+
+    def teardown(self, item: pytest.Item) -> None:
+        """Have the item's worker tear it down, keeping what its next test there needs."""
+        __tracebackhide__ = True
+        worker, starts = item.stash.get(_SET_UP_BY, (None, 0))
+        scope = item.stash[SETTINGS].scope
+        try:
+            if worker is not None and worker.starts == starts and worker.serving:
+                self._phase(item, worker, "teardown", self._kept_chain(item, scope))
+        finally:
+            if scope == "function":
+                self.release(item, finish=False)
+
+    def _phase(
+        self, item: pytest.Item, worker: Worker, when: str, after: Optional[tuple[str, ...]] = None
+    ) -> None:
+        __tracebackhide__ = True
+        args = (self.config_spec(), _file_of(item), item.nodeid, when, after)
+        call: tuple[Any, ...] = (_worker_items.run_phase, args, {})
+        try:
+            reply = worker.request(Kind.CALL, call, timeout=item.stash[SETTINGS].timeout)
+        except (_wire.WireError, OSError) as exc:
+            raise self._lost(item, worker, exc, when) from None
+        finally:
+            self.note_idle_deaths(worker, item.nodeid)
+        relay_output(reply)
+        if isinstance(reply.error, (WorkerCrashed, WorkerTimeout)):
+            self.casualties.append((item.nodeid, str(reply.error).partition("\n")[0]))
+            self.crashed.append((item, reply.error))
+            # Point the report at the line the worker was on, as for any failure.
+            reply.error.__traceback__ = stack_traceback(reply.error.stack, *where(item))
+        result: Optional[_worker_items.PhaseResult] = reply.unwrap()
+        if result is None:
+            return  # passed, nothing to report
+        for section in result.sections:
+            item.add_report_section(*section)
+        item.user_properties.extend(result.properties)
+        replay(result.warnings)
+        if result.junit:
+            _record_junit(item, result.junit)
+        if result.error is not None:
+            raise _errors.load_exception(result.error)
+        if result.text is not None:
+            raise pytest.fail.Exception(result.text, pytrace=False)
+
+    def _kept_chain(self, item: pytest.Item, scope: str) -> Optional[tuple[str, ...]]:
+        """The node ids of the collectors the worker keeps set up after this teardown."""
+        if scope != "function" and _compat.collectors_kept(item):
+            # A rerun plugin took them off this process's stack, to keep them
+            # set up for the next attempt: so does the worker. Their
+            # finalizers went with them, the worker's end among them.
+            self.rearm.add(scope_node(item, scope))
+            return tuple(n.nodeid for n in item.listchain()[:-1])
+        after = self._next_here(item, scope)
+        return None if after is None else tuple(n.nodeid for n in after.listchain())
+
+    def _next_here(self, item: pytest.Item, scope: str) -> Optional[pytest.Item]:
+        """The next test that runs in this item's worker, or None if its scope ends first."""
+        if scope == "function" or item.session.shouldfail or item.session.shouldstop:
+            return None
+        candidate = item.stash.get(NEXT, None)
+        items = item.session.items
+        if candidate is not None and not self._same_worker(item, candidate, scope):
+            if not self.positions or len(self.positions) != len(items):
+                self.positions = {id(it): i for i, it in enumerate(items)}
+            start = self.positions.get(id(candidate))
+            candidate = None
+            for later in items[start:] if start is not None else ():
+                if scope == "module" and later.path != item.path:
+                    break  # the file's worker ends before it
+                if self._same_worker(item, later, scope):
+                    candidate = later
+                    break
+        if candidate is None:
+            return None
+        return candidate if self._same_worker(item, candidate, scope) else None
+
+    @staticmethod
+    def _same_worker(item: pytest.Item, other: pytest.Item, scope: str) -> bool:
+        settings = other.stash.get(SETTINGS, None)
+        if settings is None or not settings.isolated or settings.scope != scope:
+            return False
+        return scope == "session" or scope_node(other, scope) is scope_node(item, scope)
+
+    # Workers and their lives.
+
+    def worker_for(
+        self, node: Node, scope: str, request: Optional[pytest.FixtureRequest] = None
+    ) -> Worker:
+        """The worker of ``node``'s scope, started on first use and closed when the scope ends."""
+        owner = scope_node(node, scope)
+        worker = self.owned.get(owner)
+        if worker is None:
+            worker = self.owned[owner] = self.new_worker(owner, scope)
+            self.scopes[worker] = scope
+            if request is not None:
+                request.addfinalizer(lambda: self.release(owner, finish=False))
+            elif scope != "function":  # a test's own worker ends with its teardown
+                self.rearm.add(owner)
+        if owner in self.rearm:
+            self.rearm.discard(owner)
+            owner.addfinalizer(lambda: self.release(owner, finish=True))
+        return worker
+
+    def release(self, owner: Node, *, finish: bool) -> None:
+        """End a worker at the end of its scope, finalizing what it still has set up."""
+        __tracebackhide__ = True
+        worker = self.owned.pop(owner, None)
+        if worker is None:
+            return
+        try:
+            if finish and worker.serving:
+                call: tuple[Any, ...] = (_worker_items.finish, (self.config_spec(),), {})
+                reply = worker.request(Kind.CALL, call, timeout=self.defaults.timeout)
+                relay_output(reply)
+                reply.unwrap()
+        finally:
+            self.retire(worker)
+
+    def new_worker(self, node: Node, scope: str) -> Worker:
+        """Return a worker for one scope instance (its test or file); it starts on first use."""
         self.warm_up()
-        if (
-            scope == "session"
-            or self.template is None
-            or not isinstance(node, (pytest.Function, pytest.Module))
-        ):
+        self._check_template()
+        if scope == "session" or self.template is None:
             return self._worker()
-        # A worker per module or per test: each takes one forked while those
+        # A worker per file or per test: each takes one forked while those
         # before it served, and has more forked meanwhile, from a template
-        # that has imported this test module and the next one.
-        path = _module_path(node)
-        context = _call_context()
-        for module in (node.module.__name__, path), self.module_after(path):
-            if module is not None:
-                self.preload(module[0], module[1], context)
+        # that has collected this test file and the next one.
+        path = _file_of(node)
+        for file in path, self.file_after(path):
+            if file is not None:
+                self.template.preload(file)
         for spare in [s for s in self.spares if path not in s.preloaded]:
             self.spares.remove(spare)
-            self.retire(spare)  # forked before this module was imported
+            self.retire(spare)  # forked before this file was collected
         worker = self.spares.pop(0) if self.spares else self._launched()
         while len(self.spares) < _AHEAD[scope]:
             self.spares.append(self._launched())
         return worker
 
-    def module_after(self, path: str) -> Optional[tuple[str, str]]:
-        """The (name, path) of the test module that runs after the one at ``path``."""
-        paths = [p for _, p in self.modules]
-        index = paths.index(path) if path in paths else len(paths)
-        return self.modules[index + 1] if index + 1 < len(paths) else None
+    def _check_template(self) -> None:
+        """Fall back to spawning workers, once, if configuring the template started a thread."""
+        if self.template is None:
+            return
+        unsafe = self.template.wait_configured()
+        if not unsafe:
+            return
+        self.forked = False
+        for spare in self.spares:
+            self.retire(spare)
+        self.spares.clear()
+        self.template.close()
+        self.template = None
+        warnings.warn(
+            SubprocessWarning(
+                f"pytest_subproc spawns each worker instead of forking it from a template: "
+                f"{unsafe}, and a process with threads cannot fork safely"
+            ),
+            stacklevel=2,
+        )
+
+    def file_after(self, path: str) -> Optional[str]:
+        """The test file that runs after the one at ``path``."""
+        index = self.files.index(path) if path in self.files else len(self.files)
+        return self.files[index + 1] if index + 1 < len(self.files) else None
 
     def _launched(self) -> Worker:
         worker = self._worker()
@@ -151,115 +361,16 @@ class Runtime:
 
     def retire(self, worker: Worker, nodeid: str = "") -> None:
         """Close a worker at the end of its scope and count its starts."""
+        self.readied.pop(worker, None)
         try:
             worker.close()
         finally:
             if worker in self.live:
                 self.live.remove(worker)
+                self.retired.append(worker)
             self.workers += worker.starts
             self.restarts += max(worker.starts - 1, 0)
             self.note_idle_deaths(worker, nodeid)
-
-    def close_all(self) -> None:
-        """Close every worker still open (the run is ending, maybe on Ctrl-C), come what may."""
-        self.spares.clear()
-        with contextlib.ExitStack() as closing:  # each one closed even if another fails
-            for worker in list(self.live):
-                closing.callback(self.retire, worker)
-            if self.template is not None:
-                closing.callback(self.template.close)
-                self.template = None
-
-    def preload(self, name: str, path: str, context: dict[str, Any]) -> None:
-        """Have the template import a test module, so that later forks start with it.
-
-        Only worth it for workers forked per test: a worker of a module or the
-        session imports each module once anyway.
-        """
-        if self.template is not None:
-            self.template.preload(name, path, _compat.rewritten_code(path), context)
-
-    def check_values(self, item: pytest.Function) -> None:
-        """Fail at setup, naming the fixture, if the worker cannot rebuild a value.
-
-        A value is checked once per worker: module and session fixtures pass
-        the same bytes to every test. Rebuilding one runs the user's code, so
-        it has the test's timeout, and a crash or a timeout there is the
-        test's error at setup.
-        """
-        __tracebackhide__ = True
-        worker, spec = _worker_of(item), item.stash[SPEC]
-        new = {n: v for n, v in spec.values.items() if (n, hash(v)) not in worker.checked}
-        if not new:
-            return
-        names = ", ".join(map(repr, new))
-        call: tuple[Any, ...] = (_runbody.unsendable, (new,), {})
-        self._start(item, worker)
-        doing = f"rebuilt fixture {names} at the setup of"
-        reply = self._request(item, worker, call, doing)
-        relay_output(reply)
-        if isinstance(reply.error, (WorkerCrashed, WorkerTimeout)):
-            self._casualty(item, reply.error, f"at setup, rebuilding fixture {names}")
-        failed = reply.unwrap()
-        for name, why in failed.items():
-            unsendable(item, name, f"cannot be rebuilt in the subprocess worker: {why}")
-        worker.checked.update((n, hash(v)) for n, v in new.items())
-
-    def start(self, item: pytest.Function) -> Worker:
-        """Start the item's worker unless it runs, and return it."""
-        __tracebackhide__ = True
-        worker = _worker_of(item)
-        self._start(item, worker)
-        return worker
-
-    def run(self, item: pytest.Function) -> None:
-        """Run the item's body in its worker and raise what it raised."""
-        __tracebackhide__ = True
-        worker, spec = _worker_of(item), item.stash[SPEC]
-        # Started first: a replaced worker's environment changes and modules
-        # are counted afresh.
-        self._start(item, worker)
-        code = _code_for(worker, spec)
-        call: tuple[Any, ...] = (_runbody.run_body, (spec, code), {})
-        reply = self._request(item, worker, call, "ran")
-        relay_output(reply)
-        if isinstance(reply.error, (WorkerCrashed, WorkerTimeout)):
-            self._casualty(item, reply.error)
-        result: Optional[_runbody.BodyResult] = reply.unwrap()
-        if result is None:
-            return  # passed, nothing to report
-        replay(result)
-        if result.returned is not None:
-            warn_return(item, result.returned)
-        if result.error is not None:
-            raise _errors.load_exception(result.error)
-
-    def _start(self, item: pytest.Function, worker: Worker) -> None:
-        """Start the worker unless it runs; a failure is the test's error, said plainly."""
-        __tracebackhide__ = True
-        try:
-            worker.start()
-        except (WorkerStartError, _wire.WireError, OSError) as exc:
-            raise self.start_failed(item, exc) from None
-
-    def _request(
-        self,
-        item: pytest.Function,
-        worker: Worker,
-        call: tuple[Any, ...],
-        doing: str,
-    ) -> Reply:
-        """Send the call with the test's timeout; a broken channel is the test's error."""
-        __tracebackhide__ = True
-        timeout = item.stash[SETTINGS].timeout
-        try:
-            return worker.request(
-                Kind.CALL, call, timeout=timeout, context=lambda: _call_context(worker)
-            )
-        except (_wire.WireError, OSError) as exc:
-            raise self._lost(item, worker, exc, doing) from None
-        finally:
-            self.note_idle_deaths(worker, item.nodeid)
 
     def note_idle_deaths(self, worker: Worker, nodeid: str) -> None:
         """List the deaths of a worker between requests, under the test that found it dead."""
@@ -267,19 +378,8 @@ class Runtime:
             self.casualties.append((nodeid, f"{death}; a fresh worker took over"))
         worker.idle_deaths.clear()
 
-    def _casualty(
-        self, item: pytest.Function, error: WorkerCrashed | WorkerTimeout, when: str = ""
-    ) -> None:
-        """List a test whose worker died, and point its report at the line the worker was on."""
-        if when:
-            first, newline, rest = str(error).partition("\n")
-            error.args = (f"{first} ({when}){newline}{rest}", *error.args[1:])
-        self.casualties.append((item.nodeid, str(error).partition("\n")[0]))
-        self.crashed.append((item, error))
-        error.__traceback__ = stack_traceback(error.stack, item)
-
     def _lost(
-        self, item: pytest.Function, worker: Worker, exc: BaseException, doing: str
+        self, item: pytest.Item, worker: Worker, exc: BaseException, when: str
     ) -> WorkerCrashed:
         """Say in a sentence that the channel to the worker failed, for the test's report.
 
@@ -287,18 +387,21 @@ class Runtime:
         nothing they can act on.
         """
         what = "its reply was corrupt" if isinstance(exc, _wire.WireError) else "its pipe broke"
-        pid = _pid_of(worker)
+        pid = worker.pid
         detail = str(exc) if isinstance(exc, _wire.WireError) else f"{type(exc).__name__}: {exc}"
+        doing = "ran" if when == "call" else f"ran the {when} of"
         error = WorkerCrashed(
             f"worker lost: {what}{f' (pid {pid})' if pid else ''} while it {doing} "
             f"{item.nodeid} ({detail}); the next test gets a fresh worker",
             pid=pid or 0,
             exitcode=None,
         )
-        self._casualty(item, error)
+        self.casualties.append((item.nodeid, str(error)))
+        self.crashed.append((item, error))
+        error.__traceback__ = traceback_at_test(item)
         return error
 
-    def start_failed(self, item: pytest.Function, exc: BaseException) -> WorkerStartError:
+    def start_failed(self, item: pytest.Item, exc: BaseException) -> WorkerStartError:
         """Return the worker's failure to start, listed and shown at the test, not the plugin.
 
         Its cause (a broken pipe, say) stays on the error as its context, out
@@ -315,56 +418,25 @@ class Runtime:
         self.casualties.append((item.nodeid, str(error).partition("\n")[0]))
         return error
 
-
-def _module_path(node: pytest.Item | pytest.Collector) -> str:
-    module = node.module  # type: ignore[union-attr]
-    return str(getattr(module, "__file__", None) or node.path)
-
-
-def _code_for(worker: Worker, spec: _runbody.BodySpec) -> Optional[bytes]:
-    """The test module's rewritten code, unless this worker (just started) has had it."""
-    if spec.module_path in worker.modules or spec.module_path in worker.preloaded:
-        return None  # it has the module already
-    worker.modules.add(spec.module_path)
-    return _compat.rewritten_code(spec.module_path)
+    def close_all(self) -> None:
+        """Close every worker still open (the run is ending, maybe on Ctrl-C), come what may."""
+        self.spares.clear()
+        self.owned.clear()
+        with contextlib.ExitStack() as closing:  # each one closed even if another fails
+            for worker in list(self.live):
+                closing.callback(self.retire, worker)
+            if self.template is not None:
+                closing.callback(self.template.close)
+                self.template = None
 
 
-def _call_context(worker: Optional[Worker] = None) -> dict[str, Any]:
-    """The parent's environment, cwd and sys.path, to apply in the worker for a call.
-
-    A running worker is sent only what changed since its last call: pytest
-    changes one variable per test, and the whole of it costs more to build
-    and move than a trivial test takes to run. The worker puts back what a
-    body changed on its side.
-    """
-    cwd = os.getcwd()
-    raw = getattr(os.environ, "_data", None)
-    if worker is None or not isinstance(raw, dict):
-        return {"cwd": cwd, "path": list(sys.path), "env": dict(os.environ)}
-    context: dict[str, Any] = {}
-    if cwd != worker.sent_cwd:
-        context["cwd"] = worker.sent_cwd = cwd
-    if sys.path != worker.sent_path:
-        context["path"] = worker.sent_path = list(sys.path)
-    sent = worker.sent_env
-    changes: dict[str, Optional[str]] = {
-        os.fsdecode(k): os.fsdecode(v) for k, v in raw.items() if sent.get(k) != v
-    }
-    changes.update((os.fsdecode(k), None) for k in sent.keys() - raw.keys())
-    worker.sent_env = dict(raw)
-    context["env_changes"] = changes  # even empty: the worker then checks its own
-    return context
-
-
-def _pid_of(worker: Worker) -> Optional[int]:
-    """The worker's pid, if it can still be told."""
-    try:
-        return worker.pid
-    except Exception:  # a forked worker's pid comes from a template that may be gone
-        return None
-
-
-def _worker_of(item: pytest.Function) -> Worker:
-    worker = item.funcargs[worker_fixture(item.stash[SETTINGS].scope)]
-    assert isinstance(worker, Worker)
-    return worker
+def _record_junit(item: pytest.Item, records: tuple[tuple[str, str, str], ...]) -> None:
+    """Put what the worker's test recorded for junitxml into this run's report."""
+    xml = _compat.junitxml(item.config)
+    if xml is None:
+        return
+    for kind, name, value in records:
+        if kind == "attribute":
+            xml.node_reporter(item.nodeid).add_attribute(name, value)
+        else:
+            xml.add_global_property(name, value)

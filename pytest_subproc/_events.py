@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import weakref
 from typing import Callable, Optional, Union
 
 import pytest
 
-from pytest_subproc._dispatch import SETTINGS, Runtime, worker_fixture
+from pytest_subproc._dispatch import Runtime
 from pytest_subproc._exceptions import WorkerCrashed, WorkerTimeout
 from pytest_subproc._process import Worker
 from pytest_subproc.hookspecs import WorkerInfo
 
 Casualty = tuple[pytest.Item, Union[WorkerCrashed, WorkerTimeout]]
 
-# The scope each worker serves, as its owner asked for it.
-_SCOPES: weakref.WeakKeyDictionary[Worker, str] = weakref.WeakKeyDictionary()
 
-
-def serves(worker: Worker, scope: str) -> None:
-    """Record the scope a worker serves, for the hooks to tell."""
-    _SCOPES[worker] = scope
-
-
-def announce_for(item: pytest.Item, runtime: Runtime) -> None:
-    """Call the hooks for what became of a marked test's worker, and for its crash."""
-    worker = getattr(item, "funcargs", {}).get(worker_fixture(item.stash[SETTINGS].scope))
-    if isinstance(worker, Worker):
-        announce(item.config, worker, runtime.crashed)
+def announce_all(config: pytest.Config, runtime: Runtime) -> None:
+    """Call the hooks for what became of every worker since the last call, and for crashes."""
+    workers = [*runtime.live, *runtime.retired]
+    runtime.retired.clear()
+    announce(config, workers, runtime.crashed, runtime.scopes)
 
 
 def after_request(item: pytest.Item, runtime: Runtime, worker: Worker, error: object) -> None:
@@ -37,31 +28,36 @@ def after_request(item: pytest.Item, runtime: Runtime, worker: Worker, error: ob
         what = str(error).partition("\n")[0]
         runtime.casualties.append((item.nodeid, f"{what}, in a subworker request"))
         crashed.append((item, error))
-    announce(item.config, worker, crashed)
+    announce(item.config, [worker], crashed, runtime.scopes)
 
 
 def announce(
-    config: pytest.Config, worker: Worker, casualties: Optional[list[Casualty]] = None
+    config: pytest.Config,
+    workers: list[Worker],
+    casualties: list[Casualty],
+    scopes: dict[Worker, str],
 ) -> None:
-    """Call the hooks for the worker's starts and ends since the last call, and for ``casualties``.
+    """Call the hooks for the workers' starts and ends since the last call, and for ``casualties``.
 
     A crash is announced before the end of the process it killed. Every hook
     is called even if one raises; the first error is raised at the end.
     """
-    events, worker.events[:] = list(worker.events), []
-    pending = list(casualties or ())
-    if casualties:
-        casualties.clear()
+    pending = list(casualties)
+    casualties.clear()
     hook, failed = config.hook, _Failures()
-    scope = _SCOPES.get(worker, "")
-    for what, pid, code in events:
-        if what == "started":
-            failed.call(hook.pytest_subprocess_worker_started, worker=WorkerInfo(pid, scope))
-            continue
-        for item, error in [c for c in pending if c[1].pid == pid]:
-            pending.remove((item, error))
-            failed.call(hook.pytest_subprocess_worker_crashed, item=item, error=error)
-        failed.call(hook.pytest_subprocess_worker_closed, worker=WorkerInfo(pid, scope, code))
+    for worker in workers:
+        events, worker.events[:] = list(worker.events), []
+        scope = scopes.get(worker, "")
+        for what, pid, code in events:
+            if what == "started":
+                info = WorkerInfo(pid, scope)
+                failed.call(hook.pytest_subprocess_worker_started, worker=info)
+                continue
+            for item, error in [c for c in pending if c[1].pid == pid]:
+                pending.remove((item, error))
+                failed.call(hook.pytest_subprocess_worker_crashed, item=item, error=error)
+            info = WorkerInfo(pid, scope, code)
+            failed.call(hook.pytest_subprocess_worker_closed, worker=info)
     for item, error in pending:
         failed.call(hook.pytest_subprocess_worker_crashed, item=item, error=error)
     failed.reraise()

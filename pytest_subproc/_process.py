@@ -78,6 +78,9 @@ def clean_stack(dump: str) -> str:
 
 _MACHINERY = (
     f"{os.sep}pytest_subproc{os.sep}_",
+    # pytest's and pluggy's own frames between the worker's loop and the test.
+    f"{os.sep}_pytest{os.sep}",
+    f"{os.sep}pluggy{os.sep}",
     "<frozen runpy>",
     f"{os.sep}runpy.py",
     "threading.py",
@@ -214,17 +217,8 @@ class Worker:
         # in order, until pytest's side takes them to call the plugin's hooks.
         self.events: list[tuple[str, int, Optional[int]]] = []
         self._serving: Optional[int] = None  # the pid of a process said started, not ended
-        # Test modules this worker was sent (so their code need not travel again),
-        # and fixture values it has shown it can rebuild, as (name, hash of the bytes).
-        self.modules: set[str] = set()
-        self.checked: set[tuple[str, int]] = set()
-        # What the last call told the worker of our cwd, sys.path and os.environ
-        # (its raw data), so that later calls send only what changed.
-        self.sent_cwd: Optional[str] = None
-        self.sent_path: Optional[list[str]] = None
-        self.sent_env: dict[Any, Any] = {}
         self._ready = False  # whether the running process has said READY
-        # Test modules the template had imported when it forked this worker.
+        # Test files the template had collected when it forked this worker.
         self.preloaded: frozenset[str] = frozenset()
         self._proc: Optional[ForkedProcess] = None
         self._files: dict[str, CaptureFile] = {}
@@ -244,6 +238,14 @@ class Worker:
             return False
         return not self._proc.exited(0)
 
+    @property
+    def serving(self) -> bool:
+        """Whether the process last started said READY and has not been seen to end.
+
+        Unlike ``alive`` it asks nobody, so it costs nothing on a test's path.
+        """
+        return self._ready and self._proc is not None and self._proc.returncode is None
+
     def launch(self) -> None:
         """Start the worker process unless it runs; start() or a request waits for it."""
         if self.alive:
@@ -251,10 +253,6 @@ class Worker:
         if self._proc is not None and self._proc.returncode is None and self._ready:
             self.idle_deaths.append(self._death())  # died while idle
         self._release()  # what is left of a worker that died
-        self.modules.clear()
-        self.checked.clear()
-        self.sent_cwd = self.sent_path = None
-        self.sent_env = {}
         self._files = {
             name: CaptureFile()
             for name in (("stdout", "stderr") if self.capture else ()) + ("fault",)

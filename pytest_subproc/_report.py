@@ -1,48 +1,29 @@
 """What the parent makes of a worker's outcome for pytest's report.
 
-The body's warnings and log records are raised and logged again here; a
-crash or timeout gets a traceback rebuilt from the worker's stack dump, so
-the report points at the test's own line.
+The warnings a phase recorded in the worker are raised again here, for the
+warnings summary; a crash or timeout gets a traceback rebuilt from the
+worker's stack dump, so the report points at the test's own line.
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
 import re
 import types
 import warnings
-from typing import Optional
+from collections.abc import Iterable
+from typing import Any, Optional
 
-import pytest
-
-from pytest_subproc import _errors, _runbody
-from pytest_subproc._spec import SPEC
+from pytest_subproc import _errors
 
 
-def replay(result: _runbody.BodyResult) -> None:
-    """Raise the body's warnings and log its records again here, where pytest collects them."""
-    for module, qualname, message, filename, lineno in result.warnings:
+def replay(rows: Iterable[tuple[str, str, str, str, int]]) -> None:
+    """Raise the warnings a phase recorded in the worker again here, where pytest collects them."""
+    for module, qualname, message, filename, lineno in rows:
         category = _errors.find_class(module, qualname)
         if not (isinstance(category, type) and issubclass(category, Warning)):
             category, message = UserWarning, f"{module}.{qualname}: {message}"
         warnings.warn_explicit(message, category, filename, lineno)
-    for fields in result.records:
-        record = logging.makeLogRecord(fields)
-        logging.getLogger(record.name).handle(record)
-
-
-def warn_return(item: pytest.Function, type_name: str) -> None:
-    category = getattr(pytest, "PytestReturnNotNoneWarning", None)
-    if category is not None:
-        warnings.warn(
-            category(
-                f"Expected None, but {item.nodeid} returned a {type_name}, which will be an "
-                "error in a future version of pytest.  Did you mean to use `assert` instead "
-                "of `return`?"
-            ),
-            stacklevel=2,
-        )
 
 
 _FAULT_FRAME = re.compile(r'^\s*File "(?P<file>.*)", line (?P<line>\d+) in (?P<name>.*)$')
@@ -61,12 +42,11 @@ def _dump_threads(stack: str) -> list[list[tuple[str, int, str]]]:
     return threads
 
 
-def stack_traceback(stack: str, item: pytest.Function) -> Optional[types.TracebackType]:
-    """Rebuild a traceback from the dumped thread that was running the test, if any."""
-    path = item.stash[SPEC].module_path
-    function = inspect.unwrap(item.obj)
-    name = function.__name__
-    first = getattr(getattr(function, "__code__", None), "co_firstlineno", 0)
+def stack_traceback(stack: str, path: str, name: str, first: int) -> Optional[types.TracebackType]:
+    """Rebuild a traceback from the dumped thread that was running the test, if any.
+
+    ``path``, ``name`` and ``first`` say where the test function is.
+    """
     for frames in _dump_threads(stack):
         starts = [i for i, (f, _, n) in enumerate(frames) if f == path and n == name]
         if starts:
@@ -79,18 +59,24 @@ def stack_traceback(stack: str, item: pytest.Function) -> Optional[types.Traceba
     return _errors.traceback_from([(path, first, name, first)])
 
 
-def traceback_at_test(item: pytest.Item) -> Optional[types.TracebackType]:
+def where(item: Any) -> tuple[str, str, int]:
+    """The file, function name and first line a report about a test points at."""
+    function = inspect.unwrap(getattr(item, "obj", None) or (lambda: None))
+    code = getattr(function, "__code__", None)
+    if code is not None and hasattr(item, "obj"):
+        return code.co_filename, function.__name__, code.co_firstlineno
+    path, line, _ = item.reportinfo()
+    return str(path), item.name, (line or 0) + 1
+
+
+def traceback_at_test(item: Any) -> Optional[types.TracebackType]:
     """Return a traceback at the test function itself, for an error of no line of its own.
 
     pytest's report then starts at the test, as it would for any failure,
     instead of showing the plugin's frames.
     """
-    try:
-        code = inspect.unwrap(item.obj).__code__  # type: ignore[attr-defined]
-    except Exception:  # not a Python function
-        return None
-    first = code.co_firstlineno
-    return _errors.traceback_from([(code.co_filename, first, code.co_name, first)])
+    path, name, first = where(item)
+    return _errors.traceback_from([(path, first, name, first)])
 
 
 def has_worker_frames(exc: BaseException) -> bool:

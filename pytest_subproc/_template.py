@@ -58,9 +58,15 @@ def fork_supported() -> bool:
 class Template:
     """A template process, started on first use and restarted if it dies."""
 
-    def __init__(self, env: dict[str, str], cwd: str, warm: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, env: dict[str, str], cwd: str, warm: tuple[str, ...] = (), *, configure: Any = None
+    ) -> None:
         self._env, self._cwd = env, cwd
         self._warm = warm  # modules to import before the first fork (subprocess_preload)
+        # How to configure pytest there, before any worker is forked (a ConfigSpec).
+        self._configure = configure
+        # Once the template has configured pytest: why forking it is unsafe ('' if it is not).
+        self.configured: Optional[str] = None
         self._proc: Optional[subprocess.Popen[bytes]] = None
         self._pidfd = -1
         self._sock: Optional[socket.socket] = None
@@ -121,6 +127,10 @@ class Template:
         HELD.add(ours.fileno())
         if self._warm:
             self._send_warm()
+        self.configured = None
+        if self._configure is not None:
+            with contextlib.suppress(OSError):  # gone already: its workers' starts say so
+                _zygote.send(ours, {"op": "configure", "spec": self._configure})
 
     def _send_warm(self) -> None:
         """Have the template import the warm modules, before any fork it is asked for.
@@ -132,6 +142,15 @@ class Template:
         message = {"op": "warm", "modules": list(self._warm), "path": list(sys.path)}
         with contextlib.suppress(OSError):  # the template is gone: the next fork says so
             _zygote.send(self._sock, message)
+
+    def wait_configured(self) -> str:
+        """Wait until the template has configured pytest; return why it cannot fork, if so."""
+        self.launch()
+        deadline = _monotonic() + START_TIMEOUT
+        while self._configure is not None and self.configured is None and self.running:
+            if not self._next(deadline):
+                break
+        return self.configured or ""
 
     def fork(self, fds: list[int], env: dict[str, str], cwd: str) -> ForkedProcess:
         """Have a worker forked that takes ``fds``; its pid is read when first needed."""
@@ -151,24 +170,17 @@ class Template:
         self._pending.append(proc)  # the template answers in order
         return proc
 
-    def preload(self, name: str, path: str, code: Optional[bytes], context: dict[str, Any]) -> None:
-        """Have the template import a test module once, for all workers forked after.
+    def preload(self, path: str) -> None:
+        """Have the template collect a test file once, for all workers forked after.
 
-        Nothing waits: the template imports it before it forks the next worker.
+        Nothing waits: the template collects it before it forks the next worker.
         """
-        if path in self.preloaded or path in self.unsafe:
+        if path in self.preloaded or path in self.unsafe or self._configure is None:
             return
         self.launch()
         assert self._sock is not None
-        message = {"op": "import", "name": name, "path": path, "code": code, "context": context}
-        with contextlib.suppress(OSError):  # the template is gone: its workers import it
-            try:
-                _zygote.send(self._sock, message)
-            except _zygote.TooLarge:
-                try:  # too much code for one message: the template rewrites the module itself
-                    _zygote.send(self._sock, {**message, "code": None})
-                except _zygote.TooLarge:
-                    return  # each worker imports the module itself instead
+        with contextlib.suppress(OSError):  # the template is gone: its workers collect it
+            _zygote.send(self._sock, {"op": "import", "path": path, "spec": self._configure})
             self.preloaded.add(path)
 
     def kill(self, pid: int) -> None:
@@ -232,6 +244,8 @@ class Template:
                 self._forgotten.discard(message[1])
             else:
                 self._codes[message[1]] = message[2]
+        elif what == "configured":
+            self.configured = message[2] or ""
         elif what == "imported" and message[3]:
             # The template has a thread now, so it cannot fork safely any more:
             # the next fork starts a new one, which never imports that module.

@@ -49,7 +49,7 @@ _WARM = (
     "_pytest.assertion.util",
     "_pytest.capture",
     "_pytest.logging",
-    "pytest_subproc._runbody",
+    "pytest_subproc._worker_items",
 )
 # How long the template keeps killing what it holds once pytest has gone.
 SHUTDOWN = 5.0
@@ -126,16 +126,15 @@ def _prepare() -> None:
 
 
 def _preload(message: dict[str, Any]) -> str:
-    """Import a test module here, so every worker forked for it starts with it.
+    """Collect a test file here, so every worker forked for it starts with it.
 
-    A failure is no business of the template's: the worker imports the
-    module itself and reports the error where the test can show it.
+    A failure is no business of the template's: the worker collects the
+    file itself and reports the error where the test can show it.
     """
-    from pytest_subproc import _runbody
+    from pytest_subproc import _worker_items
 
     try:
-        with _child.applied(message["context"]):
-            _runbody.import_test_module(message["name"], message["path"], message["code"])
+        _worker_items.preload(message["spec"], message["path"])
     except BaseException as exc:  # reported by the worker instead
         return f"{type(exc).__name__}: {exc}"
     return ""
@@ -155,6 +154,16 @@ def _import_warm(name: str, path: list[str]) -> str:
     finally:
         sys.path[:] = ours
     return ""
+
+
+def _configure(message: dict[str, Any]) -> str:
+    """Configure pytest here as the parent did, so every worker forked after starts with it."""
+    from pytest_subproc import _worker_items
+
+    try:
+        return _worker_items.configure(message["spec"])
+    except BaseException as exc:  # each worker reports it to its tests
+        return f"{type(exc).__name__}: {exc}"
 
 
 def _exit_code(status: int) -> int:
@@ -187,6 +196,7 @@ class Keeper:
             "fork": self.on_fork,
             "import": self.on_import,
             "warm": self.on_warm,
+            "configure": self.on_configure,
             "kill": self.on_kill,
         }
 
@@ -243,6 +253,12 @@ class Keeper:
                     "process with threads cannot be forked safely"
                 )
                 return
+
+    def on_configure(self, message: dict[str, Any], fds: list[int]) -> None:
+        error = _configure(message)
+        if thread_count() > 1:
+            self.unsafe = "configuring pytest in the worker template started a thread"
+        self.answer(("configured", error, self.unsafe))
 
     def on_fork(self, message: dict[str, Any], fds: list[int]) -> None:
         try:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from typing import Any, Optional
 
 import pytest
 
-from pytest_subproc import _compat, _dispatch, _events, _report, _settings, _spec, _summary
+from pytest_subproc import _dispatch, _events, _report, _settings, _summary, _worker_items
 from pytest_subproc._dispatch import Runtime
 from pytest_subproc._exceptions import ChildTraceException, WorkerStartError
-from pytest_subproc._process import Worker
 from pytest_subproc._subworker import Subworker
 
 RUNTIME = pytest.StashKey[Runtime]()
@@ -52,77 +51,92 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("subprocess_preload", _settings.PRELOAD_HELP, type="args", default=[])
 
 
+@pytest.hookimpl(trylast=True)  # after tmp_path's and the cache's own, which workers share
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", _settings.MARKER_HELP)
-    config.stash[RUNTIME] = Runtime.from_config(config)
-    _settings.check_preload(config.stash[RUNTIME].defaults.preload)
-    # Workers reuse the test modules' rewritten code instead of rewriting them again.
-    kept = contextlib.ExitStack()
-    kept.enter_context(_compat.rewritten_modules_kept())
-    config.add_cleanup(kept.close)
+    # In a worker, tests run where they are: nothing is routed further.
+    if getattr(config.option, _worker_items.IN_WORKER, False):
+        return
+    config.stash[RUNTIME] = runtime = Runtime.from_config(config)
+    _settings.check_preload(runtime.defaults.preload)
+    if runtime.defaults.isolate_all and not config.getoption("collectonly"):
+        # Every test needs a worker: the template configures pytest while
+        # this process collects.
+        _warm_up(runtime)
+
+
+def _runtime(config: pytest.Config) -> Optional[Runtime]:
+    return config.stash.get(RUNTIME, None)
+
+
+def _warm_up(runtime: Runtime) -> None:
+    # Only a head start: a template that cannot start fails the tests that
+    # need a worker, when they run, not the whole collection.
+    with contextlib.suppress(WorkerStartError, OSError):
+        runtime.warm_up()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    runtime = config.stash.get(RUNTIME, None)
+    runtime = _runtime(config)
     if runtime is not None:
-        live = list(runtime.live)
         runtime.close_all()
-        for worker in live:
-            _events.announce(config, worker)
+        _events.announce_all(config, runtime)
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:
     # The first test that will need a worker starts the template, which then
-    # imports pytest while the rest of the suite is collected.
-    runtime = item.config.stash[RUNTIME]
-    if runtime.template is None and (
-        runtime.defaults.isolate_all or item.get_closest_marker(_settings.MARKER) is not None
+    # imports pytest and configures it while the rest of the suite is collected.
+    runtime = _runtime(item.config)
+    if (
+        runtime is not None
+        and runtime.template is None
+        and (runtime.defaults.isolate_all or item.get_closest_marker(_settings.MARKER) is not None)
     ):
-        # Only a head start: a template that cannot start fails the tests that
-        # need a worker, when they run, not the whole collection.
-        with contextlib.suppress(WorkerStartError, OSError):
-            runtime.warm_up()
+        _warm_up(runtime)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    runtime = config.stash[RUNTIME]
-    for item in items:
-        runtime.prepare(item)
+    runtime = _runtime(config)
+    if runtime is not None:
+        for item in items:
+            runtime.prepare(item)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
-    if _dispatch.UNSHIPPED in item.stash:
-        _warn_unshipped(item, item.stash[_dispatch.UNSHIPPED])
-    result = yield
-    if _is_isolated(item):
-        assert isinstance(item, pytest.Function)
-        item.stash[_spec.SPEC] = _spec.build_spec(item, item.config.stash[RUNTIME].verbosity)
-        runtime = item.config.stash[RUNTIME]
-        try:
-            runtime.check_values(item)
-        finally:
-            _events.announce_for(item, runtime)
-        _spec.warn_parent_patches(item)
-    return result
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Optional[bool]:
-    if not _is_isolated(pyfuncitem):
-        return None
-    runtime = pyfuncitem.config.stash[RUNTIME]
     try:
-        runtime.start(pyfuncitem)
-        _events.announce_for(pyfuncitem, runtime)  # a worker just started: before the body
-        runtime.run(pyfuncitem)
+        return (yield)
     finally:
-        # Not needed again; kept for every test of a run, the specs would be
-        # a tenth of the heap the garbage collector walks.
-        del pyfuncitem.stash[_spec.SPEC]
-        _events.announce_for(pyfuncitem, runtime)
-    return True
+        _announce(item)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    try:
+        return (yield)
+    finally:
+        _announce(item)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_teardown(
+    item: pytest.Item, nextitem: Optional[pytest.Item]
+) -> Generator[None, None, None]:
+    # The item's worker keeps what the next test it runs needs set up.
+    if _is_isolated(item):
+        item.stash[_dispatch.NEXT] = nextitem
+    try:
+        return (yield)
+    finally:
+        _announce(item)
+
+
+def _announce(item: pytest.Item) -> None:
+    """Call the plugin's hooks for the workers a test's phase started, ended or lost."""
+    runtime = _runtime(item.config)
+    if runtime is not None and (runtime.crashed or runtime.retired or runtime.live):
+        _events.announce_all(item.config, runtime)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -145,72 +159,33 @@ def pytest_runtest_makereport(
     return report
 
 
-def _warn_unshipped(item: pytest.Item, warning: Warning) -> None:
-    """Warn that a marked test runs here; where the filters make that an error, it is the test's."""
-    __tracebackhide__ = True
-    try:
-        item.warn(warning)
-    except Warning as exc:
-        raise exc.with_traceback(_report.traceback_at_test(item)) from None
-
-
 def _is_isolated(item: pytest.Item) -> bool:
     settings = item.stash.get(_dispatch.SETTINGS, None)
     return settings is not None and settings.isolated
 
 
-def _scoped_worker(request: pytest.FixtureRequest) -> Iterator[Worker]:
-    runtime = request.config.stash[RUNTIME]
-    try:
-        worker = runtime.new_worker(request.node, request.scope)
-    except (WorkerStartError, OSError) as exc:
-        # The error of the test that asked for the worker, shown there.
-        raise runtime.start_failed(request._pyfuncitem, exc) from None
-    _events.serves(worker, request.scope)
-    try:
-        yield worker
-    finally:
-        try:
-            runtime.retire(worker, request.node.nodeid)
-        finally:
-            _events.announce(request.config, worker)
-
-
-@pytest.fixture(scope="session")
-def _subprocess_worker_session(request: pytest.FixtureRequest) -> Iterator[Worker]:
-    yield from _scoped_worker(request)
-
-
-@pytest.fixture(scope="module")
-def _subprocess_worker_module(request: pytest.FixtureRequest) -> Iterator[Worker]:
-    yield from _scoped_worker(request)
-
-
-@pytest.fixture
-def _subprocess_worker_function(request: pytest.FixtureRequest) -> Iterator[Worker]:
-    yield from _scoped_worker(request)
-
-
 @pytest.fixture
 def subworker(request: pytest.FixtureRequest) -> Subworker:
     """A handle on the subprocess worker of this test's scope (module by default)."""
+    runtime = request.config.stash[RUNTIME]
     settings = request.node.stash.get(_dispatch.SETTINGS, None)
     if settings is None:
-        settings = _settings.for_item(request.node, request.config.stash[RUNTIME].defaults)
-    worker = request.getfixturevalue(_dispatch.worker_fixture(settings.scope))
-    runtime = request.config.stash[RUNTIME]
-    return Subworker(worker, after=functools.partial(_events.after_request, request.node, runtime))
+        settings = _settings.for_item(request.node, runtime.defaults)
+    by_request = request if settings.scope == "function" else None
+    worker = runtime.worker_for(request.node, settings.scope, by_request)
+    after = functools.partial(_events.after_request, request.node, runtime)
+    return Subworker(worker, after=after)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    runtime = terminalreporter.config.stash.get(RUNTIME, None)
+    runtime = _runtime(terminalreporter.config)
     if runtime is not None:
         _summary.write(terminalreporter, runtime)
 
 
 @pytest.hookimpl(trylast=True)  # after the session's workers have been retired
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    runtime = session.config.stash.get(RUNTIME, None)
+    runtime = _runtime(session.config)
     if runtime is not None:
         _summary.send(session.config, runtime)
 

@@ -24,12 +24,13 @@ def log(tag, pid=None):
 """
 
 # Logs the inner pytest's own pid: fixtures run in the parent, not in a worker.
+# The conftest is imported in the workers too, and its fixtures run there:
+# only the pytest process runs the test loop.
 PARENT_CONFTEST = """
-import pytest
 import pidlog
+import pytest
 
-@pytest.fixture(autouse=True, scope="session")
-def _log_parent():
+def pytest_runtestloop(session):
     pidlog.log("parent")
 """
 

@@ -114,24 +114,18 @@ def test_hooks_tell_each_start_crash_timeout_and_close(
     assert_gone(int(pid) for pid in started)
 
 
-def test_a_crash_while_fixture_values_are_rebuilt_is_told(
-    pytester: pytest.Pytester, hooklog: Path
-) -> None:
+def test_a_crash_in_a_fixture_is_told(pytester: pytest.Pytester, hooklog: Path) -> None:
     pytester.makepyfile(
         test_setup="""
         import os
         import pytest
 
-        class Exits:
-            def __reduce__(self):
-                return (os._exit, (3,))
-
         @pytest.fixture
         def exits():
-            return Exits()
+            os._exit(3)
 
         @pytest.mark.subprocess
-        def test_rebuilding_crashes(exits):
+        def test_setup_crashes(exits):
             pass
         """
     )
@@ -139,7 +133,7 @@ def test_a_crash_while_fixture_values_are_rebuilt_is_told(
     result.assert_outcomes(errors=1)
     log = read_log(hooklog)
     assert [w[:3] for w in log if w[0] == "crashed"] == [
-        ["crashed", "test_rebuilding_crashes", "WorkerCrashed"]
+        ["crashed", "test_setup_crashes", "WorkerCrashed"]
     ]
     assert [w[3] for w in log if w[0] == "closed"] == ["3"]
 

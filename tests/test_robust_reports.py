@@ -1,10 +1,9 @@
 """Acceptance tests: what the plugin does to a test harms that test alone, and says so.
 
-Rebuilding a fixture value in the worker runs the user's code, so it has the
-test's deadline; a crash or a timeout there is that test's error at setup.
-The plugin's own warnings never abort the run; an exception comes back as its
-own type even when part of it cannot travel; a broken channel to the worker
-reads as a sentence, not as the plugin's internals.
+A fixture runs in the worker, under the test's deadline; a crash or a timeout
+there is that test's error at setup. An exception comes back as its own type
+even when part of it cannot travel; a broken channel to the worker reads as a
+sentence, not as the plugin's internals.
 
 Inner runs start with plugin autoloading off and ``-p pytest_subproc.plugin``:
 the other installed plugins only slow the runs down.
@@ -33,7 +32,7 @@ def section(result: pytest.RunResult, start: str) -> str:
 
 
 # --------------------------------------------------------------------------
-# Fixture values that the worker cannot rebuild in time, or at all
+# Fixtures that hang or crash the worker, which runs them
 # --------------------------------------------------------------------------
 
 REBUILDING = """
@@ -44,24 +43,14 @@ import pytest
 from pidlog import log
 
 
-class Sleeps:
-    def __reduce__(self):
-        return (time.sleep, (1000,))
-
-
-class Exits:
-    def __reduce__(self):
-        return (os._exit, (3,))
-
-
 @pytest.fixture
 def sleeps():
-    return Sleeps()
+    time.sleep(1000)
 
 
 @pytest.fixture
 def exits():
-    return Exits()
+    os._exit(3)
 
 
 @pytest.mark.subprocess(timeout=2)
@@ -80,7 +69,7 @@ def test_after():
 """
 
 
-def test_fixture_value_whose_rebuilding_hangs_or_crashes_is_a_setup_error(
+def test_a_fixture_that_hangs_or_crashes_the_worker_is_a_setup_error(
     pytester: pytest.Pytester, pidlog: Path
 ) -> None:
     pytester.makepyfile(test_rebuilding=REBUILDING)
@@ -92,82 +81,15 @@ def test_fixture_value_whose_rebuilding_hangs_or_crashes_is_a_setup_error(
     assert read_pids(pidlog).keys() == {"after"}  # neither body ran
     hang = section(result, "ERROR at setup of test_rebuilding_hangs")
     assert "WorkerTimeout: worker timed out after 2 s" in hang
-    assert "(at setup, rebuilding fixture 'sleeps')" in hang
     crash = section(result, "ERROR at setup of test_rebuilding_crashes")
     assert "WorkerCrashed: worker crashed: exit code 3" in crash
-    assert "(at setup, rebuilding fixture 'exits')" in crash
     for text in (hang, crash):
         assert f"pytest_subproc{os.sep}" not in text
     result.stdout.fnmatch_lines(
         [
             "*- subprocess workers -*",
-            "test_rebuilding.py::test_rebuilding_hangs: worker timed out after 2 s *"
-            "(at setup, rebuilding fixture 'sleeps')",
-            "test_rebuilding.py::test_rebuilding_crashes: worker crashed: exit code 3 *"
-            "(at setup, rebuilding fixture 'exits')",
-        ]
-    )
-
-
-# --------------------------------------------------------------------------
-# The plugin's warnings, made errors by the warning filters
-# --------------------------------------------------------------------------
-
-UNSHIPPABLE = """
-import unittest
-
-import pytest
-
-
-@pytest.mark.subprocess
-class TestCase(unittest.TestCase):
-    def test_method(self):
-        pass
-
-
-@pytest.mark.subprocess
-async def test_coroutine():
-    pass
-
-
-def test_plain():
-    pass
-
-
-@pytest.mark.subprocess
-def test_marked():
-    pass
-"""
-
-
-@pytest.mark.parametrize("how", ["-W", "ini"])
-def test_warning_that_a_marked_test_cannot_be_shipped_is_that_test_s_error(
-    pytester: pytest.Pytester, how: str
-) -> None:
-    pytester.makepyfile(test_unshippable=UNSHIPPABLE)
-    if how == "ini":
-        pytester.makeini("[pytest]\nfilterwarnings = error\n")
-    result = run(pytester, "--tb=short", *(["-W", "error"] if how == "-W" else []))
-    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
-    result.assert_outcomes(passed=2, errors=2)
-    for name in ("TestCase.test_method", "test_coroutine"):
-        error = section(result, f"ERROR at setup of {name}")
-        assert "SubprocessWarning" in error
-        assert "cannot ship it" in error
-        assert f"pytest_subproc{os.sep}" not in error
-
-
-def test_warning_that_a_marked_test_cannot_be_shipped_names_the_test(
-    pytester: pytest.Pytester,
-) -> None:
-    pytester.makepyfile(test_unshippable=UNSHIPPABLE)
-    result = run(pytester, "-k", "TestCase or plain or marked")
-    result.assert_outcomes(passed=3)
-    result.stdout.fnmatch_lines(
-        [
-            "*warnings summary*",
-            "test_unshippable.py::TestCase::test_method",
-            "*SubprocessWarning: *TestCase::test_method is marked subprocess*",
+            "test_rebuilding.py::test_rebuilding_hangs: worker timed out after 2 s *",
+            "test_rebuilding.py::test_rebuilding_crashes: worker crashed: exit code 3 *",
         ]
     )
 
@@ -275,24 +197,30 @@ def send_parts(fd, kind, parts, deadline=None):
     return _real_send(fd, kind, parts, deadline)
 
 
-_wire.recv_parts, _wire.send_parts = recv_parts, send_parts
-
-
 def pytest_configure(config):
-    config.addinivalue_line("markers", "breaks(how): break the channel to the worker")
+    config.addinivalue_line("markers", "breaks(how, when): break the channel to the worker")
+    # Only pytest's own end of the channel breaks, not the worker's.
+    if not getattr(config.option, "subprocess_in_worker", False):
+        _wire.recv_parts, _wire.send_parts = recv_parts, send_parts
 
 
-@pytest.fixture(autouse=True)
-def _break(request):
-    marker = request.node.get_closest_marker("breaks")
-    BREAK[:] = marker.args if marker else ()
-    yield
-    BREAK.clear()
+def _breaking(item, when):
+    marker = item.get_closest_marker("breaks")
+    BREAK[:] = marker.args[:1] if marker and marker.args[1] == when else ()
+    try:
+        yield
+    finally:
+        BREAK.clear()
 
 
-@pytest.fixture
-def value():
-    return 42
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _breaking(item, "setup"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _breaking(item, "call"))
 """
 
 BREAKING = """
@@ -302,7 +230,7 @@ from pidlog import log
 pytestmark = pytest.mark.subprocess
 
 
-@pytest.mark.breaks("corrupt")
+@pytest.mark.breaks("corrupt", "call")
 def test_reply_corrupt():
     log("corrupt")
 
@@ -311,13 +239,13 @@ def test_next():
     log("next")
 
 
-@pytest.mark.breaks("reset")
+@pytest.mark.breaks("reset", "call")
 def test_pipe_broken():
     pass
 
 
-@pytest.mark.breaks("corrupt")
-def test_reply_corrupt_at_setup(value):
+@pytest.mark.breaks("corrupt", "setup")
+def test_reply_corrupt_at_setup():
     pass
 
 
@@ -347,7 +275,6 @@ def test_broken_channel_fails_the_test_with_a_sentence(
     )
     at_setup = section(result, "ERROR at setup of test_reply_corrupt_at_setup")
     assert "WorkerCrashed" in at_setup
-    assert "(at setup, rebuilding fixture 'value')" in at_setup
     for name in ("test_reply_corrupt", "test_pipe_broken"):
         text = section(result, f"_ {name} _")
         assert f"pytest_subproc{os.sep}" not in text
@@ -360,7 +287,7 @@ def test_broken_channel_fails_the_test_with_a_sentence(
             "*- subprocess workers -*",
             "test_breaking.py::test_reply_corrupt: *",
             "test_breaking.py::test_pipe_broken: worker lost: its pipe broke*",
-            "test_breaking.py::test_reply_corrupt_at_setup: *(at setup, rebuilding fixture*",
+            "test_breaking.py::test_reply_corrupt_at_setup: *",
         ]
     )
     assert_gone(pids.values())

@@ -111,7 +111,7 @@ def test_either_start_method_runs_marked_tests(pytester: pytest.Pytester, start:
         def test_crash(): os._exit(3)
         """
     )
-    pytester.makeconftest("import os\nos.environ['PARENT_PID'] = str(os.getpid())\n")
+    pytester.makeconftest("import os\nos.environ.setdefault('PARENT_PID', str(os.getpid()))\n")
     result = pytester.runpytest_subprocess(*PLUGIN, f"--subprocess-start={start}")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*worker crashed: exit code 3*"])

@@ -1,0 +1,300 @@
+"""Runs in the worker (and in the template it is forked from): pytest, and each phase of an item.
+
+Its peer in the pytest process is ``_dispatch``, which calls ``run_phase``
+through a CALL request. The worker holds a pytest configuration made like
+the parent's (same arguments, ini file, plugins and conftest modules), with
+the plugins that only make sense once per run turned off. It collects each
+item's file once, then runs the item's setup, call and teardown through
+pytest's own hooks, so fixtures of every scope are cached per worker as
+pytest caches them. It never imports the parent-side modules.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import tempfile
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+from pytest_subproc import _compat, _errors
+
+# Set on a worker's options, so the plugin knows not to route anything there.
+IN_WORKER = "subprocess_in_worker"
+# Appended to the parent's arguments: output goes to the worker's own capture
+# files, which the parent reads per request. (No plugin is blocked with -p:
+# its ini keys would become unknown, an error under --strict-config.)
+_EXTRA_ARGS = ("--capture=no",)
+# Options that act once per run, in the parent: off in a worker.
+_OFF: dict[str, Any] = {
+    "xmlpath": None,
+    "lf": False,
+    "failedfirst": False,
+    "newfirst": False,
+    "stepwise": False,
+    "stepwise_skip": False,
+    "cacheclear": False,
+    "usepdb": False,
+    "trace": False,
+    "numprocesses": None,
+    "maxprocesses": None,
+    "dist": "no",
+    "tx": [],
+    "looponfail": False,
+    "keyword": "",
+    "markexpr": "",
+    "deselect": [],
+    "collectonly": False,
+    "log_file": os.devnull,  # the parent's log file, which a worker would truncate
+    "reruns": 0,
+    "htmlpath": None,
+}
+
+
+@dataclass(frozen=True)
+class ConfigSpec:
+    """How the parent was configured: what a worker needs to configure pytest alike."""
+
+    args: tuple[str, ...]
+    dir: str
+    path: tuple[str, ...]
+    basetemp: Optional[str] = None
+    cachedir: Optional[str] = None
+    # The parent's junitxml family, if it writes a junitxml report.
+    junit_family: Optional[str] = None
+
+
+# A warning a phase recorded: (category module, category qualname, message, file, line).
+WarningRow = tuple[str, str, str, str, int]
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    """What a phase left for the parent's report, beside its output."""
+
+    # The phase's exception, serialized by _errors.dump_exception.
+    error: Optional[bytes] = None
+    # A failure of an item that renders its own (a doctest's), as pytest shows it.
+    text: Optional[str] = None
+    sections: tuple[tuple[str, str, str], ...] = ()
+    properties: tuple[tuple[str, Any], ...] = ()
+    warnings: tuple[WarningRow, ...] = ()
+    # What record_xml_attribute and record_testsuite_property recorded:
+    # ("attribute" or "suite", name, value).
+    junit: tuple[tuple[str, str, str], ...] = ()
+
+
+class _Recorder:
+    """A worker-side plugin: keeps the warnings pytest records during a phase."""
+
+    def __init__(self) -> None:
+        self.rows: list[WarningRow] = []
+
+    def pytest_warning_recorded(self, warning_message: warnings.WarningMessage) -> None:
+        category = warning_message.category
+        self.rows.append(
+            (
+                category.__module__,
+                category.__qualname__,
+                str(warning_message.message),
+                warning_message.filename,
+                warning_message.lineno,
+            )
+        )
+
+
+class _JunitStandIn:
+    """Stands for the parent's junitxml report: what tests record there is sent back."""
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self.records: list[tuple[str, str, str]] = []
+
+    def node_reporter(self, report: Any) -> _JunitStandIn:
+        return self  # every record belongs to the test whose phase is running
+
+    def add_attribute(self, name: str, value: object) -> None:
+        self.records.append(("attribute", str(name), str(value)))
+
+    def add_global_property(self, name: str, value: object) -> None:
+        self.records.append(("suite", str(name), str(value)))
+
+
+class _State:
+    """The worker's pytest: its config, session, and the items collected so far."""
+
+    def __init__(self, spec: ConfigSpec) -> None:
+        self.spec = spec
+        self.config = _configured(spec)
+        self.recorder = _Recorder()
+        self.config.pluginmanager.register(self.recorder, "pytest_subproc-recorder")
+        self.junit = _JunitStandIn(spec.junit_family) if spec.junit_family else None
+        if self.junit is not None:
+            _compat.set_junitxml(self.config, self.junit)
+        self.session = _compat.start_session(self.config)
+        self.items: dict[str, pytest.Item] = {}
+        self.collected: dict[str, str] = {}  # file path -> what collecting it reported
+        self.protocols: dict[str, _compat.Protocol] = {}  # by nodeid, from setup to teardown
+
+    def item(self, path: str, nodeid: str) -> pytest.Item:
+        """The worker's own item for ``nodeid``, collecting its file on first need."""
+        item = self.items.get(nodeid)
+        if item is not None:
+            return item
+        if path not in self.collected:
+            self.collect(path)
+        item = self.items.get(nodeid)
+        if item is None:
+            why = self.collected[path] or "no such test there"
+            raise LookupError(
+                f"pytest_subproc could not find {nodeid} in its worker, so it cannot run "
+                f"there (a test made or renamed in the pytest process after collection "
+                f"cannot: leave it unmarked). Collecting {path} in the worker gave:\n{why}"
+            )
+        return item
+
+    def collect(self, path: str) -> None:
+        """Collect every item of a file, reusing the collectors above it."""
+        with warnings.catch_warnings():
+            # The parent collected the same file and reported its warnings.
+            warnings.simplefilter("ignore")
+            items, errors = _compat.collect_file(self.session, Path(path))
+        for item in items:
+            self.items.setdefault(item.nodeid, item)
+        self.collected[path] = "\n".join(errors)
+
+
+def _configured(spec: ConfigSpec) -> pytest.Config:
+    os.chdir(spec.dir)
+    sys.path[:] = spec.path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = _compat.parsed_config([*spec.args, *_EXTRA_ARGS])
+    for name, value in _OFF.items():
+        if hasattr(config.option, name):
+            setattr(config.option, name, value)
+    setattr(config.option, IN_WORKER, True)
+    with warnings.catch_warnings():
+        # The parent configured pytest alike and reported the same warnings.
+        warnings.simplefilter("ignore")
+        config._do_configure()
+    _compat.share_dirs(config, spec.basetemp, spec.cachedir)
+    _compat.quiet_plugins(config)
+    # The first use of tempfile in a process probes the directory (it writes
+    # and unlinks a file); pytest's basetemp did that in the parent before
+    # any test, so here too, not inside the first test that uses tempfile.
+    tempfile.gettempdir()
+    return config
+
+
+_STATE: Optional[_State] = None
+_FAILED: Optional[str] = None  # why pytest could not be configured here
+
+
+def configure(spec: ConfigSpec) -> str:
+    """Configure pytest here once; return why it failed ('' if it did not)."""
+    global _STATE, _FAILED
+    if _STATE is None and _FAILED is None:
+        try:
+            _STATE = _State(spec)
+        except Exception as exc:  # reported by every test that needs it
+            _FAILED = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    return _FAILED or ""
+
+
+def _state(spec: ConfigSpec) -> _State:
+    configure(spec)
+    if _STATE is None:
+        raise RuntimeError(f"pytest could not be configured in the subprocess worker: {_FAILED}")
+    return _STATE
+
+
+def preload(spec: ConfigSpec, path: str) -> None:
+    """Configure pytest and collect a file here, ahead of its tests.
+
+    In the template, every worker forked after starts with the file collected.
+    """
+    state = _state(spec)
+    if path not in state.collected:
+        state.collect(path)
+
+
+def run_phase(
+    spec: ConfigSpec, path: str, nodeid: str, when: str, after: Optional[tuple[str, ...]]
+) -> Optional[PhaseResult]:
+    """Run one phase of an item; ``after`` names the chain of the next item in this worker.
+
+    None stands for a phase that passed and left nothing to report, the most
+    common result and the cheapest to send.
+    """
+    state = _state(spec)
+    if when == "teardown" and nodeid not in state.items:
+        return None  # its setup could not find it, so nothing was set up
+    item = state.item(path, nodeid)
+    sections, properties = len(item._report_sections), len(item.user_properties)
+    state.recorder.rows.clear()
+    if state.junit is not None:
+        state.junit.records.clear()
+    nextitem = _compat.next_item(item, after, state.items) if when == "teardown" else None
+    excinfo = _run(state, item, when, nextitem)
+    error = text = None
+    if excinfo is not None:
+        if isinstance(item, pytest.Function) or not isinstance(excinfo.value, Exception):
+            error = _errors.dump_exception(excinfo.value)
+        else:
+            text = str(item.repr_failure(excinfo))  # a doctest's diff, say
+    new_sections = tuple(item._report_sections[sections:])
+    new_properties = tuple(_sendable(p) for p in item.user_properties[properties:])
+    rows = tuple(state.recorder.rows)
+    junit = tuple(state.junit.records) if state.junit is not None else ()
+    if error is None and text is None and not (new_sections or new_properties or rows or junit):
+        return None
+    return PhaseResult(error, text, new_sections, new_properties, rows, junit)
+
+
+def _run(state: _State, item: pytest.Item, when: str, nextitem: Any) -> Any:
+    """Run the phase inside the item's protocol wrappers, entered at setup, left after teardown."""
+    from _pytest._code import ExceptionInfo
+
+    if when == "setup":
+        _leave_protocols(state)  # of items whose teardown never came
+        try:
+            state.protocols[item.nodeid] = _compat.Protocol(item)
+        except BaseException:
+            return ExceptionInfo.from_current()
+    excinfo = _compat.run_phase(item, when, nextitem)
+    if when == "teardown":
+        try:
+            _leave_protocols(state)
+        except BaseException:
+            excinfo = excinfo or ExceptionInfo.from_current()
+    return excinfo
+
+
+def _leave_protocols(state: _State) -> None:
+    while state.protocols:
+        state.protocols.pop(next(iter(state.protocols))).close()
+
+
+def finish(spec: ConfigSpec) -> None:
+    """Finalize what this worker still holds set up (its scope is ending)."""
+    if _STATE is not None:
+        try:
+            _compat.teardown_all(_STATE.session)
+        finally:
+            _leave_protocols(_STATE)
+
+
+def _sendable(prop: tuple[str, Any]) -> tuple[str, Any]:
+    name, value = prop
+    try:
+        pickle.dumps(value)
+    except Exception:
+        return name, repr(value)
+    return name, value

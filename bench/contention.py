@@ -268,7 +268,7 @@ def run(
         "less the in-process run of the same load, suite and round, per test: the median, and "
         "the range over the rounds. A ratio is pytest-forked's median overhead over the "
         "configuration's (the figure a target is met by), and the range of the rounds' own "
-        "ratios; the test phase's ratio leaves collection out.\n"
+        "ratios; the ratio by test phase leaves collection out.\n"
         f"{about}"
     )
     parts = [head]
@@ -373,9 +373,9 @@ def _suite_table(
         "load",
         "configuration",
         "per test",
-        "over in-process, per test",
+        "overhead per test",
         "forked's overhead / this",
-        "(test phase)",
+        "by test phase",
         "target",
     )
     return f"The {name} suite:\n{table(headers, rows)}"

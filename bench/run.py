@@ -1,6 +1,6 @@
 """Benchmarks of pytest_subproc, run on demand (never part of the test suite).
 
-    python bench/run.py            # every part (about 20 minutes)
+    python bench/run.py            # every part (contention alone: 15-20 minutes)
     python bench/run.py --quick    # fewer calls, a smaller payload, 200 tests
     python bench/run.py --only worker
     python bench/run.py --only contention --load busy,xdist --rounds 3

@@ -49,6 +49,7 @@ _read = os.read
 _write = os.write
 _close = os.close
 _dup2 = os.dup2
+_fstat = os.fstat
 _chdir = os.chdir
 _os_getcwd = os.getcwd
 _getpid = os.getpid
@@ -321,6 +322,21 @@ def _stack(ident: int, frame: Optional[FrameType], current: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The server of this process's requests, for a request that replies in parts.
+_SERVER: Optional[Server] = None
+
+
+def reply_part(value: Any) -> None:
+    """Send ``value`` as one part of the running request's result, with more to follow.
+
+    The output written so far belongs to this part; the request's timeout
+    starts again for what follows.
+    """
+    if _SERVER is None:
+        raise RuntimeError("no request is being served here")
+    _SERVER.part(value)
+
+
 class Server:
     """Serves requests from one parent until it says shutdown or goes away."""
 
@@ -340,6 +356,7 @@ class Server:
         self.stdio = (os.dup(1), os.dup(2))
         self.streams = [_own_stream(sys.__stdout__, 1), _own_stream(sys.__stderr__, 2)]
         self.watchdog: Optional[Watchdog] = None
+        self.timeout: Optional[float] = None  # the running request's
         self.handlers: dict[int, Callable[..., Any]] = {
             Kind.RUN: self.on_run,
             Kind.STORE: self.on_store,
@@ -375,6 +392,7 @@ class Server:
                 raise ValueError(f"unknown request kind {kind}")
             if context:
                 self.mirror.enter(context)
+            self.timeout = timeout
             if timeout is None:
                 return Kind.OK, _codec.dumps(handler(*args))
             watchdog = self.arm(timeout, received)
@@ -388,11 +406,17 @@ class Server:
 
     def reply(self, kind: int, parts: list[_wire.Buffer]) -> None:
         """Flush this request's output, then send its reply."""
-        # Flushing first makes the output belong to this request, not the next.
-        for stream in (sys.stdout, sys.stderr):
-            with _suppress(Exception):
-                stream.flush()
+        _flush()  # first, so that the output belongs to this request, not the next
         _wire.send_parts(self.rep_fd, kind, parts)
+
+    def part(self, value: Any) -> None:
+        """Send one part of the running request's result; see ``reply_part``."""
+        _flush()
+        # The parent reads each capture up to where it ended for this part.
+        sizes = tuple(_fstat(fd).st_size for fd in self.stdio)
+        _wire.send_parts(self.rep_fd, Kind.PART, _codec.dumps((sizes, value)))
+        if self.watchdog is not None and self.timeout is not None:
+            self.watchdog.arm(self.timeout, _monotonic())
 
     def arm(self, timeout: float, start: float) -> Watchdog:
         """Have every thread's stack dumped if the request overruns ``timeout`` from ``start``.
@@ -445,6 +469,12 @@ class Server:
         return fn(*args, **kwargs)
 
 
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with _suppress(Exception):
+            stream.flush()
+
+
 def _usable(stream: IO[str]) -> bool:
     """Return whether ``stream`` is open, and still has its buffer."""
     try:
@@ -493,4 +523,6 @@ def serve_worker(req_fd: int, rep_fd: int, life_fd: int, fault_fd: int, receipts
     watch_parent(life_fd)
     receipts = mmap.mmap(receipts_fd, mmap.PAGESIZE)
     _wire.send_parts(rep_fd, Kind.READY, [])
-    Server(req_fd, rep_fd, fault, receipts).serve()
+    global _SERVER
+    _SERVER = Server(req_fd, rep_fd, fault, receipts)
+    _SERVER.serve()

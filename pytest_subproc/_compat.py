@@ -165,7 +165,9 @@ class _Chain:
         return self.chain
 
 
-def next_item(item: pytest.Item, after: Optional[tuple[str, ...]], items: dict[str, Any]) -> Any:
+def next_item(
+    session: pytest.Session, after: Optional[tuple[str, ...]], items: dict[str, Any]
+) -> Any:
     """The next item this worker runs, as teardown wants it (None: tear down everything)."""
     if after is None:
         return None
@@ -173,7 +175,7 @@ def next_item(item: pytest.Item, after: Optional[tuple[str, ...]], items: dict[s
     if found is not None:
         return found
     kept = []
-    for node, nodeid in zip(item.session._setupstate.stack, after):
+    for node, nodeid in zip(session._setupstate.stack, after):
         if node.nodeid != nodeid:
             break
         kept.append(node)

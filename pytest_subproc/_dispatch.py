@@ -18,7 +18,7 @@ import pytest
 
 from pytest_subproc import _compat, _errors, _wire, _worker_items
 from pytest_subproc._exceptions import WorkerCrashed, WorkerStartError, WorkerTimeout
-from pytest_subproc._process import PACKAGE_ROOT, Worker, child_env
+from pytest_subproc._process import PACKAGE_ROOT, Reply, Worker, child_env
 from pytest_subproc._report import replay, stack_traceback, traceback_at_test, where
 from pytest_subproc._settings import Defaults, Settings, for_item
 from pytest_subproc._subworker import relay_output
@@ -30,9 +30,13 @@ SETTINGS = pytest.StashKey[Settings]()
 _SET_UP_BY = pytest.StashKey[tuple[Worker, int]]()
 # The next item pytest runs after this one (teardown's ``nextitem``).
 NEXT = pytest.StashKey[Optional[pytest.Item]]()
+# The chain the worker keeps set up when it runs a teardown ahead.
+_AHEAD = pytest.StashKey[Optional[tuple[str, ...]]]()
+# The phases whose results the worker, running ahead, is yet to send, in order.
+_DUE = pytest.StashKey[list[str]]()
 # How many workers to fork ahead: a module lasts long enough for one to be
 # ready in time; a test often does not, and a fork takes a few milliseconds.
-_AHEAD = {"module": 1, "function": 2}
+_SPARES = {"module": 1, "function": 2}
 
 Node = Union[pytest.Item, pytest.Collector]
 
@@ -144,17 +148,33 @@ class Runtime:
     # The three phases, in place of the item's own methods.
 
     def setup(self, item: pytest.Item) -> None:
-        """Have the item's worker set it up: its fixtures, of every scope, run there."""
+        """Have the item's worker set it up, then run on through its call and teardown.
+
+        Its fixtures, of every scope, run there. While each phase passes, the
+        worker goes on to the next, and this process takes each result as
+        pytest asks for that phase: it reports one phase while the next runs.
+        """
         __tracebackhide__ = True
+        scope = item.stash[SETTINGS].scope
         try:
-            worker = self.worker_for(item, item.stash[SETTINGS].scope)
+            worker = self.worker_for(item, scope)
             self._ready(worker, _file_of(item))
         except (WorkerStartError, OSError) as exc:
             raise self.start_failed(item, exc) from None
+        then = () if self._step_by_step(item) else ("call", "teardown")
+        after = item.stash[_AHEAD] = self._after(item, scope)
         try:
-            self._phase(item, worker, "setup")
+            reply = self._ask(item, worker, "setup", _worker_items.run_test, then, after)
+            item.stash[_DUE] = list(then) if worker.more else []
+            self._report(item, reply)
         finally:
             item.stash[_SET_UP_BY] = (worker, worker.starts)
+
+    def _step_by_step(self, item: pytest.Item) -> bool:
+        """Whether each phase must wait for pytest to ask for it, rather than run ahead."""
+        option = item.config.option
+        # Fixtures shown but not run; a debugger that takes over the call.
+        return bool(getattr(option, "setuponly", False) or option.usepdb or option.trace)
 
     def _ready(self, worker: Worker, path: str) -> None:
         """Have a worker configure pytest and collect a file, outside any test's timeout.
@@ -173,7 +193,7 @@ class Runtime:
             relay_output(worker.request(Kind.CALL, call))
 
     def call(self, item: pytest.Item) -> None:
-        """Have the item's worker run its body."""
+        """Take the item's call from its worker, or have it run the call now."""
         __tracebackhide__ = True
         worker, starts = item.stash[_SET_UP_BY]
         if worker.starts != starts or not worker.serving:
@@ -182,7 +202,11 @@ class Runtime:
                 pid=worker.pid or 0,
                 exitcode=None,
             )
-        self._phase(item, worker, "call")
+        if self._due(item, worker, "call"):
+            reply = self._follow(item, worker, "call")
+        else:
+            reply = self._ask(item, worker, "call", _worker_items.run_phase, "call", None)
+        self._report(item, reply)
 
     def teardown(self, item: pytest.Item) -> None:
         """Have the item's worker tear it down, keeping what its next test there needs."""
@@ -190,24 +214,65 @@ class Runtime:
         worker, starts = item.stash.get(_SET_UP_BY, (None, 0))
         scope = item.stash[SETTINGS].scope
         try:
-            if worker is not None and worker.starts == starts and worker.serving:
-                self._phase(item, worker, "teardown", self._kept_chain(item, scope))
+            if worker is not None and worker.starts == starts:
+                self._teardown(item, worker, self._kept_chain(item, scope))
         finally:
             if scope == "function":
                 self.release(item, finish=False)
 
-    def _phase(
-        self, item: pytest.Item, worker: Worker, when: str, after: Optional[tuple[str, ...]] = None
+    def _teardown(
+        self, item: pytest.Item, worker: Worker, after: Optional[tuple[str, ...]]
     ) -> None:
         __tracebackhide__ = True
-        args = (self.config_spec(), _file_of(item), item.nodeid, when, after)
-        call: tuple[Any, ...] = (_worker_items.run_phase, args, {})
+        if self._due(item, worker, "call"):
+            # Run ahead, but pytest did not call the test (a plugin's setup
+            # hook failed after ours): nothing of it is reported.
+            self._follow(item, worker, "call")
+        if not worker.serving:
+            return
+        if not self._due(item, worker, "teardown"):
+            args = ("teardown", after)
+            self._report(item, self._ask(item, worker, "teardown", _worker_items.run_phase, *args))
+            return
+        reply = self._follow(item, worker, "teardown")
+        if after == item.stash[_AHEAD]:
+            self._report(item, reply)
+            return
+        # It kept more set up than pytest now wants kept (-x stopped the run, say).
+        rest = self._ask(item, worker, "teardown", _worker_items.teardown_to, after)
         try:
-            reply = worker.request(Kind.CALL, call, timeout=item.stash[SETTINGS].timeout)
+            self._report(item, reply)
+        finally:
+            self._report(item, rest)
+
+    def _due(self, item: pytest.Item, worker: Worker, when: str) -> bool:
+        """Whether the worker, running ahead, is yet to send ``when``'s result."""
+        due = item.stash.get(_DUE, [])
+        if due and not worker.more:
+            due.clear()  # a phase failed (or the worker died): the worker stopped there
+        return bool(due) and due[0] == when
+
+    def _ask(self, item: pytest.Item, worker: Worker, when: str, fn: Any, *args: Any) -> Reply:
+        """Send a request for a phase of ``item``: ``fn(spec, path, nodeid, *args)`` there."""
+        call: tuple[Any, ...] = (fn, (self.config_spec(), _file_of(item), item.nodeid, *args), {})
+        try:
+            return worker.request(Kind.CALL, call, timeout=item.stash[SETTINGS].timeout)
         except (_wire.WireError, OSError) as exc:
             raise self._lost(item, worker, exc, when) from None
         finally:
             self.note_idle_deaths(worker, item.nodeid)
+
+    def _follow(self, item: pytest.Item, worker: Worker, when: str) -> Reply:
+        """Take the next phase's result, which the worker sends as it runs ahead."""
+        item.stash[_DUE].pop(0)
+        try:
+            return worker.follow()
+        except (_wire.WireError, OSError) as exc:
+            raise self._lost(item, worker, exc, when) from None
+
+    def _report(self, item: pytest.Item, reply: Reply) -> None:
+        """Give pytest what a phase left for its report, and raise what it raised."""
+        __tracebackhide__ = True
         relay_output(reply)
         if isinstance(reply.error, (WorkerCrashed, WorkerTimeout)):
             self.casualties.append((item.nodeid, str(reply.error).partition("\n")[0]))
@@ -236,6 +301,10 @@ class Runtime:
             # finalizers went with them, the worker's end among them.
             self.rearm.add(scope_node(item, scope))
             return tuple(n.nodeid for n in item.listchain()[:-1])
+        return self._after(item, scope)
+
+    def _after(self, item: pytest.Item, scope: str) -> Optional[tuple[str, ...]]:
+        """The chain of the next test that runs in this item's worker, if its scope lasts."""
         after = self._next_here(item, scope)
         return None if after is None else tuple(n.nodeid for n in after.listchain())
 
@@ -319,7 +388,7 @@ class Runtime:
             self.spares.remove(spare)
             self.retire(spare)  # forked before this file was collected
         worker = self.spares.pop(0) if self.spares else self._launched()
-        while len(self.spares) < _AHEAD[scope]:
+        while len(self.spares) < _SPARES[scope]:
             self.spares.append(self._launched())
         return worker
 

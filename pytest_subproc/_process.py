@@ -112,23 +112,31 @@ class CaptureFile:
             os.close(fd)
             os.unlink(path)
 
-    dirty = False  # whether the last read found anything to clear
+    dirty = False  # whether a read found anything to clear
+    offset = 0  # where the next read starts: a reply in parts reads it in steps
 
     def clear(self) -> None:
         if self.dirty:  # ftruncate costs more than the whole rest of a small request
             os.ftruncate(self.fd, 0)
             self.dirty = False
+        self.offset = 0
 
-    def read(self) -> str:
-        size = os.fstat(self.fd).st_size
-        self.dirty = size > 0
-        chunks, offset = [], 0
+    def read(self, end: Optional[int] = None) -> str:
+        """What was written since the last part, up to ``end``, which ends that part.
+
+        Without ``end``: up to the end of the file, and it can be read again.
+        """
+        size = os.fstat(self.fd).st_size if end is None else end
+        self.dirty = self.dirty or size > 0
+        chunks, offset = [], self.offset
         while offset < size:
             chunk = os.pread(self.fd, size - offset, offset)
             if not chunk:
                 break
             chunks.append(chunk)
             offset += len(chunk)
+        if end is not None:
+            self.offset = max(offset, self.offset)
         return b"".join(chunks).decode("utf-8", "replace")
 
     def close(self) -> None:
@@ -224,6 +232,9 @@ class Worker:
         self._files: dict[str, CaptureFile] = {}
         self._receipts: Optional[Receipts] = None  # made for each process, with its pipes
         self._sent = 0  # requests sent to the running process
+        # Whether the last reply was a part, more to follow, and its request's timeout.
+        self._more = False
+        self._timeout: Optional[float] = None
         self._req = self._rep = self._life = -1
 
     @property
@@ -292,6 +303,12 @@ class Worker:
 
     def start(self) -> None:
         """Start the worker unless it runs, and wait for it to say it is ready."""
+        if self.serving:
+            # Asking the template whether it lives costs more than a small
+            # test: a request finds a death out anyway, and the receipts tell
+            # whether it died before reading, so that the request goes to a
+            # fresh worker.
+            return
         self.launch()
         if self._ready:
             return
@@ -407,27 +424,58 @@ class Worker:
             reply = self._reply(error=self._died(timeout, 0.0))
         return reply
 
+    @property
+    def more(self) -> bool:
+        """Whether the last reply was a part of its request's result, with more to come."""
+        return self._more
+
+    def follow(self) -> Reply:
+        """Wait for the next part of a reply that came in parts (see ``more``)."""
+        if not self._more:
+            raise RuntimeError("no reply of the worker is still due")
+        self._more = False
+        reply = self._answer(self._timeout, sent=False)
+        assert reply is not None
+        return reply
+
+    def drain(self) -> None:
+        """Take whatever is still due of a reply in parts, leaving it unread."""
+        while self.more:
+            self.follow()
+
     def _attempt(
         self, kind: Kind, parts: Callable[[], list[_wire.Buffer]], timeout: Optional[float]
     ) -> Optional[Reply]:
         """Send the request once; None if the worker was dead before it read it."""
+        self.drain()  # what the last request still had to say would answer this one
         self.start()
         for f in self._files.values():
             f.clear()
         data = parts()
-        started = _monotonic()
-        deadline = None if timeout is None else started + timeout + BACKSTOP
+        deadline = None if timeout is None else _monotonic() + timeout + BACKSTOP
         self._sent += 1
         try:
             _wire.send_parts(self._req, kind, data, deadline)
+        except _wire.WireTimeout:
+            return self._reply(error=self._timed_out(timeout, killed=True))
+        except _wire.WireClosed:
+            return self._closed(timeout, _monotonic(), sent=True)
+        except BaseException:
+            self._kill()  # interrupted halfway through a request: out of step for good
+            raise
+        return self._answer(timeout, sent=True)
+
+    def _answer(self, timeout: Optional[float], *, sent: bool) -> Optional[Reply]:
+        """Wait for the reply (or its next part); None if a request just ``sent`` went unread."""
+        started = _monotonic()
+        deadline = None if timeout is None else started + timeout + BACKSTOP
+        try:
             _wire.await_readable(self._rep, _wire.AWAKE)
             rkind, answer = self._receive(deadline)
         except _wire.WireTimeout:
             return self._reply(error=self._timed_out(timeout, killed=True))
         except _wire.WireClosed:
-            if self._receipts is not None and self._receipts.count() < self._sent:
-                return None  # it never read this request, so nothing of it ran
-            return self._reply(error=self._died(timeout, _monotonic() - started))
+            return self._closed(timeout, started, sent=sent)
         except _wire.WireCorrupt as exc:
             return self._reply(error=self._garbled(exc))
         except BaseException:
@@ -438,9 +486,21 @@ class Worker:
         if rkind == Kind.ERROR:
             return self._reply(error=_errors.load_exception(bytes(answer[0])))
         try:
-            return self._reply(value=_codec.loads(answer))
+            value = _codec.loads(answer)
         except Exception as exc:  # e.g. a class the parent cannot import
             return self._reply(error=exc)
+        if rkind != Kind.PART:
+            return self._reply(value=value)
+        (out, err), value = value
+        self._more, self._timeout = True, timeout
+        return Reply(value, None, self._read("stdout", out), self._read("stderr", err))
+
+    def _closed(self, timeout: Optional[float], started: float, *, sent: bool) -> Optional[Reply]:
+        """The worker's pipe closed: None if it died before reading a request just ``sent``."""
+        unread = self._receipts is not None and self._receipts.count() < self._sent
+        if sent and unread:
+            return None  # nothing of the request ran
+        return self._reply(error=self._died(timeout, _monotonic() - started))
 
     def _death(self) -> str:
         """Describe how the worker died while nothing was asked of it."""
@@ -450,9 +510,9 @@ class Worker:
     def _reply(self, value: Any = None, error: Optional[BaseException] = None) -> Reply:
         return Reply(value, error, self._read("stdout"), self._read("stderr"))
 
-    def _read(self, name: str) -> str:
+    def _read(self, name: str, end: Optional[int] = None) -> str:
         f = self._files.get(name)
-        return f.read() if f is not None else ""
+        return f.read(end) if f is not None else ""
 
     def _timed_out(self, timeout: Optional[float], *, killed: bool) -> WorkerTimeout:
         pid = self.pid or 0
@@ -517,6 +577,7 @@ class Worker:
         self._close_pipes()
 
     def _close_pipes(self) -> None:
+        self._more = False  # nothing more can come
         for name in ("_req", "_rep", "_life"):
             fd = getattr(self, name)
             if fd >= 0:

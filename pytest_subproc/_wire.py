@@ -359,3 +359,6 @@ class Kind(enum.IntEnum):
     SHUTDOWN = 6
     OK = 7  # worker -> parent: the request's result
     ERROR = 8  # worker -> parent: a serialized exception
+    # worker -> parent: one part of a request's result, more to follow, with
+    # the sizes its stdout and stderr captures had when it was sent.
+    PART = 9

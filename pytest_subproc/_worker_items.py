@@ -241,7 +241,7 @@ def run_phase(
     state.recorder.rows.clear()
     if state.junit is not None:
         state.junit.records.clear()
-    nextitem = _compat.next_item(item, after, state.items) if when == "teardown" else None
+    nextitem = _compat.next_item(item.session, after, state.items) if when == "teardown" else None
     excinfo = _run(state, item, when, nextitem)
     error = text = None
     if excinfo is not None:
@@ -256,6 +256,49 @@ def run_phase(
     if error is None and text is None and not (new_sections or new_properties or rows or junit):
         return None
     return PhaseResult(error, text, new_sections, new_properties, rows, junit)
+
+
+def run_test(
+    spec: ConfigSpec,
+    path: str,
+    nodeid: str,
+    then: tuple[str, ...],
+    after: Optional[tuple[str, ...]],
+) -> Optional[PhaseResult]:
+    """Set an item up and, while each phase passes, run the phases ``then`` names.
+
+    Each phase's result but the last goes back as a part of the reply
+    (``_child.reply_part``): the parent reports one phase while the next
+    runs here. A phase that fails ends the request, so that the parent
+    decides what comes after it, as pytest would.
+    """
+    from pytest_subproc import _child
+
+    result = run_phase(spec, path, nodeid, "setup", None)
+    for when in then:
+        if result is not None and (result.error is not None or result.text is not None):
+            break
+        _child.reply_part(result)
+        result = run_phase(spec, path, nodeid, when, after if when == "teardown" else None)
+    return result
+
+
+def teardown_to(
+    spec: ConfigSpec, path: str, nodeid: str, after: Optional[tuple[str, ...]]
+) -> Optional[PhaseResult]:
+    """Finalize, after ``nodeid``'s teardown, what the next item (chain ``after``) does not need.
+
+    For a teardown run ahead that kept more set up than the parent, when the
+    teardown came, found it should (``-x`` stopped the run, say).
+    """
+    state = _state(spec)
+    try:
+        state.session._setupstate.teardown_exact(
+            _compat.next_item(state.session, after, state.items)
+        )
+    except BaseException as exc:
+        return PhaseResult(_errors.dump_exception(exc))
+    return None
 
 
 def _run(state: _State, item: pytest.Item, when: str, nextitem: Any) -> Any:

@@ -103,6 +103,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             runtime.prepare(item)
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(
+    item: pytest.Item, nextitem: Optional[pytest.Item]
+) -> Generator[None, object, object]:
+    # Known before the setup: the worker runs the teardown ahead, keeping
+    # what the next test it runs needs set up.
+    if _is_isolated(item):
+        item.stash[_dispatch.NEXT] = nextitem
+    return (yield)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
     try:

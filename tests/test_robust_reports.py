@@ -185,6 +185,9 @@ BREAK = []
 
 
 def recv_parts(fd, deadline=None):
+    # Both ways: a call's result may come as part of its setup's reply.
+    if "reset" in BREAK:
+        raise ConnectionResetError(104, "Connection reset by peer")
     kind, data = _real_recv(fd, deadline)
     if "corrupt" in BREAK and kind != _wire.Kind.READY:
         raise _wire.WireCorrupt("bad message header b'garbage'")

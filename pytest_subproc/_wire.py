@@ -38,6 +38,9 @@ Received = Union[bytes, bytearray]
 AWAKE = 1e-3
 # A gap this long between two polls of a spin means the CPU is shared.
 _SHARED = 30e-6
+# Where Linux counts the runnable processes, read at most this often.
+_LOADAVG = "/proc/loadavg"
+_RECOUNT = 10e-3
 
 # Every function the framing calls is taken at import: a test body that
 # replaces one (os.write, select.poll, time.monotonic) and leaves it behind
@@ -51,6 +54,8 @@ _POLLIN = getattr(select, "POLLIN", 0)
 _POLLOUT = getattr(select, "POLLOUT", 0)
 _select = select.select
 _sched_yield = getattr(os, "sched_yield", None)
+_open = os.open
+_close = os.close
 _crc32 = zlib.crc32
 _BytesIO = io.BytesIO
 _CHECKED = struct.Struct("<BQ")  # what the check value covers: kind and length
@@ -129,6 +134,50 @@ def _wait(fd: int, deadline: Optional[float], *, write: bool) -> None:
         raise WireTimeout("deadline passed")
 
 
+def _cpus() -> int:
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
+class _Crowding:
+    """Whether more processes want to run than there are CPUs, counted now and then.
+
+    A process that spins while others wait for a CPU takes turns from them,
+    its peer maybe: on a busy machine (xdist, a shared CI runner) it sleeps
+    at once instead. Where the count cannot be read, nothing is crowded.
+    """
+
+    def __init__(self) -> None:
+        self.cpus = _cpus()
+        self.counted = -_RECOUNT
+        self.crowded = False
+
+    def __call__(self) -> bool:
+        now = _clock()
+        if now - self.counted >= _RECOUNT:
+            self.counted = now
+            self.crowded = self._running() > self.cpus
+        return self.crowded
+
+    @staticmethod
+    def _running() -> int:
+        """The runnable processes (this one included), from ``/proc/loadavg``; 0 if unknown."""
+        try:
+            fd = _open(_LOADAVG, os.O_RDONLY)
+        except OSError:
+            return 0
+        try:
+            fields = _read(fd, 128).split()
+            return int(fields[3].partition(b"/")[0])
+        except (OSError, IndexError, ValueError):
+            return 0
+        finally:
+            _close(fd)
+
+
+crowded = _Crowding()
+
+
 def await_readable(fd: int, spin: float) -> None:
     """Poll ``fd`` without sleeping for up to ``spin`` seconds, yielding the CPU between polls.
 
@@ -136,9 +185,10 @@ def await_readable(fd: int, spin: float) -> None:
     virtual machine, which is more than a small reply takes to come; staying
     awake a little while is cheaper, unless another process needs this CPU.
     Returns when ``fd`` is readable (or at end-of-file), when the time is up,
-    or once the CPU proves shared; the reading is left to the caller.
+    or once the CPU proves shared, at once if the machine is crowded; the
+    reading is left to the caller.
     """
-    if _poll is None or _sched_yield is None:  # pragma: no cover
+    if _poll is None or _sched_yield is None or crowded():
         return
     poller = _poll()
     poller.register(fd, _POLLIN)

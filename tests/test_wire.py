@@ -22,7 +22,8 @@ import textwrap
 import threading
 import time
 import zlib
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import pytest
 
@@ -737,8 +738,46 @@ def test_await_readable_gives_up_in_time(
 ) -> None:
     clock = FakeClock(step)
     monkeypatch.setattr(_wire, "_clock", clock)
+    monkeypatch.setattr(_wire, "crowded", lambda: False)  # whatever else this machine runs
     _wire.await_readable(pipe.r, 0.05)
     assert clock.reads in reads
+
+
+def test_await_readable_sleeps_at_once_on_a_crowded_machine(
+    pipe: Pipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock(1e-6)
+    monkeypatch.setattr(_wire, "_clock", clock)
+    monkeypatch.setattr(_wire, "crowded", lambda: True)
+    _wire.await_readable(pipe.r, 30.0)
+    assert clock.reads == 0
+
+
+@pytest.mark.parametrize(
+    ("loadavg", "crowded"),
+    [
+        ("0.50 0.40 0.30 2/180 4242\n", False),  # as many running as CPUs
+        ("3.10 2.80 2.00 3/180 4242\n", True),
+        ("garbage\n", False),
+        (None, False),  # no /proc: never crowded
+    ],
+)
+def test_crowding_counts_runnable_processes_against_cpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loadavg: Optional[str], crowded: bool
+) -> None:
+    path = tmp_path / "loadavg"
+    if loadavg is not None:
+        path.write_text(loadavg)
+    monkeypatch.setattr(_wire, "_LOADAVG", str(path))
+    monkeypatch.setattr(_wire, "_cpus", lambda: 2)
+    clock = FakeClock(1e-3)  # a millisecond between two looks
+    monkeypatch.setattr(_wire, "_clock", clock)
+    crowding = _wire._Crowding()
+    assert crowding() is crowded
+    path.write_text("0.1 0.1 0.1 9/180 4242\n")
+    assert crowding() is crowded  # counted again only every 10 ms
+    clock.now += 1.0
+    assert crowding() is True
 
 
 def test_truncated_is_closed_but_not_corrupt() -> None:

@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import pytest
 
-from pytest_subproc import _compat, _errors, _wire, _worker_items
+from pytest_subproc import _compat, _errors, _settings, _wire, _worker_items
 from pytest_subproc._exceptions import WorkerCrashed, WorkerStartError, WorkerTimeout
 from pytest_subproc._process import PACKAGE_ROOT, Reply, Worker, child_env
 from pytest_subproc._report import replay, stack_traceback, traceback_at_test, where
@@ -78,6 +78,8 @@ class Runtime:
     # Workers closed since the hooks were last called for them.
     retired: list[Worker] = field(default_factory=list)
     template: Optional[Template] = None
+    # Started before pytest configured itself (see ``early_template``), until used.
+    early: Optional[Template] = None
     # Forked ahead, oldest first, to be the next files' or tests' workers.
     spares: list[Worker] = field(default_factory=list)
     files: list[str] = field(default_factory=list)  # of isolated tests, in run order
@@ -139,9 +141,11 @@ class Runtime:
     def warm_up(self) -> None:
         """Start the template now (without waiting), if workers will be forked."""
         if self.template is None and self.defaults.start == "fork" and self.forked:
-            self.template = Template(
-                child_env(), PACKAGE_ROOT, self.defaults.preload, configure=self.config_spec()
-            )
+            template, self.early = self.early, None
+            if template is None:
+                template = Template(child_env(), PACKAGE_ROOT)
+            template.prepare(self.defaults.preload, self.config_spec())
+            self.template = template
         if self.template is not None:
             self.template.launch()
 
@@ -494,9 +498,30 @@ class Runtime:
         with contextlib.ExitStack() as closing:  # each one closed even if another fails
             for worker in list(self.live):
                 closing.callback(self.retire, worker)
-            if self.template is not None:
-                closing.callback(self.template.close)
-                self.template = None
+            for template in (self.template, self.early):
+                if template is not None:
+                    closing.callback(template.close)
+            self.template = self.early = None
+
+
+def early_template(early_config: pytest.Config) -> Optional[Template]:
+    """Start the template before pytest configures itself, if every test will need it.
+
+    It imports pytest and the plugins this process loaded from entry points
+    while this process loads conftest modules and configures; the pytest
+    configuration follows when the runtime takes it (``warm_up``).
+    """
+    if not _settings.forks_every_test(early_config):
+        return None
+    loaded = early_config.pluginmanager.list_plugin_distinfo()
+    plugins = tuple(sorted({getattr(p, "__name__", "") for p, _ in loaded} - {""}))
+    template = Template(child_env(), PACKAGE_ROOT, plugins=plugins)
+    try:
+        template.launch()
+    except (WorkerStartError, OSError):
+        template.close()
+        return None  # the tests that need a worker will say why
+    return template
 
 
 def _record_junit(item: pytest.Item, records: tuple[tuple[str, str, str], ...]) -> None:

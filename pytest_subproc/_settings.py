@@ -157,6 +157,24 @@ class Defaults:
         )
 
 
+def forks_every_test(early_config: pytest.Config) -> bool:
+    """Whether, by the options parsed so far, every test will run in a forked worker.
+
+    Read before pytest configures itself; a bad value is not an error here:
+    the configuration says so.
+    """
+    known = early_config.known_args_namespace
+    try:
+        isolate_all = bool(getattr(known, "subprocess_all", False)) or parse_bool(
+            early_config.getini("subprocess_all"), "ini subprocess_all"
+        )
+        start = getattr(known, "subprocess_start", None) or early_config.getini("subprocess_start")
+        start = parse_start(start, "") if start else default_start()
+    except (pytest.UsageError, ValueError):
+        return False
+    return isolate_all and start == "fork" and not getattr(known, "collectonly", False)
+
+
 def _option(config: pytest.Config, name: str, parse: Any, default: Any) -> Any:
     value = config.getoption(f"subprocess_{name}")
     if value is not None:

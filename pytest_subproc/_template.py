@@ -59,10 +59,17 @@ class Template:
     """A template process, started on first use and restarted if it dies."""
 
     def __init__(
-        self, env: dict[str, str], cwd: str, warm: tuple[str, ...] = (), *, configure: Any = None
+        self,
+        env: dict[str, str],
+        cwd: str,
+        warm: tuple[str, ...] = (),
+        *,
+        configure: Any = None,
+        plugins: tuple[str, ...] = (),
     ) -> None:
         self._env, self._cwd = env, cwd
         self._warm = warm  # modules to import before the first fork (subprocess_preload)
+        self._plugins = plugins  # pytest's plugin modules, imported while pytest starts
         # How to configure pytest there, before any worker is forked (a ConfigSpec).
         self._configure = configure
         # Once the template has configured pytest: why forking it is unsafe ('' if it is not).
@@ -125,12 +132,25 @@ class Template:
         self._pidfd = _pidfd(self._proc.pid)
         self._sock = ours  # its "ready" is read with the first answer
         HELD.add(ours.fileno())
+        if self._plugins:
+            with contextlib.suppress(OSError):  # gone already: its workers' starts say so
+                _zygote.send(ours, {"op": "plugins", "modules": list(self._plugins)})
+        self._send_setup()
+
+    def prepare(self, warm: tuple[str, ...], configure: Any) -> None:
+        """Give a template started early its warm modules and its pytest configuration."""
+        self._warm, self._configure = warm, configure
+        if self.running:
+            self._send_setup()
+
+    def _send_setup(self) -> None:
         if self._warm:
             self._send_warm()
         self.configured = None
         if self._configure is not None:
+            assert self._sock is not None
             with contextlib.suppress(OSError):  # gone already: its workers' starts say so
-                _zygote.send(ours, {"op": "configure", "spec": self._configure})
+                _zygote.send(self._sock, {"op": "configure", "spec": self._configure})
 
     def _send_warm(self) -> None:
         """Have the template import the warm modules, before any fork it is asked for.

@@ -170,7 +170,14 @@ class _State:
         self.collected[path] = "\n".join(errors)
 
 
+def in_worker() -> bool:
+    """Whether this process configures (or has configured) pytest as a worker."""
+    return _CONFIGURING
+
+
 def _configured(spec: ConfigSpec) -> pytest.Config:
+    global _CONFIGURING
+    _CONFIGURING = True  # before the plugins' early hooks run
     os.chdir(spec.dir)
     sys.path[:] = spec.path
     with warnings.catch_warnings():
@@ -194,6 +201,7 @@ def _configured(spec: ConfigSpec) -> pytest.Config:
 
 
 _STATE: Optional[_State] = None
+_CONFIGURING = False
 _FAILED: Optional[str] = None  # why pytest could not be configured here
 
 

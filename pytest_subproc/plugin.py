@@ -13,8 +13,11 @@ from pytest_subproc import _dispatch, _events, _report, _settings, _summary, _wo
 from pytest_subproc._dispatch import Runtime
 from pytest_subproc._exceptions import ChildTraceException, WorkerStartError
 from pytest_subproc._subworker import Subworker
+from pytest_subproc._template import Template
 
 RUNTIME = pytest.StashKey[Runtime]()
+# A template started before pytest configured itself, until the runtime takes it.
+EARLY = pytest.StashKey[Template]()
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -51,6 +54,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("subprocess_preload", _settings.PRELOAD_HELP, type="args", default=[])
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    # The earliest the options are known: a template every test will need
+    # starts now, while this process loads conftest modules.
+    if not _worker_items.in_worker():
+        template = _dispatch.early_template(early_config)
+        if template is not None:
+            early_config.stash[EARLY] = template
+
+
 @pytest.hookimpl(trylast=True)  # after tmp_path's and the cache's own, which workers share
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", _settings.MARKER_HELP)
@@ -58,6 +71,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if getattr(config.option, _worker_items.IN_WORKER, False):
         return
     config.stash[RUNTIME] = runtime = Runtime.from_config(config)
+    runtime.early = config.stash.get(EARLY, None)
+    if EARLY in config.stash:
+        del config.stash[EARLY]
     _settings.check_preload(runtime.defaults.preload)
     if runtime.defaults.isolate_all and not config.getoption("collectonly"):
         # Every test needs a worker: the template configures pytest while
@@ -77,6 +93,9 @@ def _warm_up(runtime: Runtime) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    early = config.stash.get(EARLY, None)
+    if early is not None:  # pytest_configure failed before the runtime took it
+        early.close()
     runtime = _runtime(config)
     if runtime is not None:
         runtime.close_all()

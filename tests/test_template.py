@@ -226,3 +226,45 @@ def test_the_template_starts_while_pytest_collects(
     result = pytester.runpytest_subprocess(*PLUGIN, "-s")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([f"TEMPLATE UP AT COLLECTION END: {started}"])
+
+
+@pytest.mark.parametrize("disabled", [False, True], ids=["autoloaded", "no autoload"])
+def test_under_subprocess_the_template_starts_before_conftests_load(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, disabled: bool
+) -> None:
+    """Every test needs it: it imports pytest and the plugins while pytest configures."""
+    if disabled:
+        monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    pytester.makeconftest(
+        """
+        import psutil
+
+        names = [" ".join(p.cmdline()) for p in psutil.Process().children()]
+        print("TEMPLATE UP AT CONFTEST IMPORT:", any("_zygote" in n for n in names))
+        """
+    )
+    pytester.makepyfile(
+        """
+        def test_in_worker(pytestconfig):
+            assert pytestconfig.getoption("subprocess_in_worker")
+        """
+    )
+    # Autoloaded, the plugin is an entry point: naming it too would load it twice.
+    args = (*PLUGIN, "-p", "no:cacheprovider") if disabled else ("-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess(*args, "-s", "--subprocess")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["TEMPLATE UP AT CONFTEST IMPORT: True"])
+    assert "ResourceWarning" not in result.stderr.str()
+
+
+def test_a_usage_error_after_the_template_started_early_leaves_nothing(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makeini("[pytest]\nsubprocess_preload = no_such_module\n")
+    pytester.makepyfile("def test_never_runs():\n    pass\n")
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    result = pytester.runpytest_subprocess(*PLUGIN, "--subprocess")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: subprocess_preload: cannot import 'no_such_module'*"])
+    assert "ResourceWarning" not in result.stderr.str()
+    assert "Traceback" not in result.stderr.str()

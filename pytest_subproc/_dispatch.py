@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import pytest
 
-from pytest_subproc import _compat, _errors, _wire, _worker_items
+from pytest_subproc import _compat, _coverage, _errors, _wire, _worker_items
 from pytest_subproc._exceptions import WorkerCrashed, WorkerStartError, WorkerTimeout
 from pytest_subproc._process import PACKAGE_ROOT, Worker, child_env
 from pytest_subproc._report import replay, stack_traceback, traceback_at_test, where
@@ -123,7 +123,10 @@ class Runtime:
             cache = getattr(config, "cache", None)
             xml = _compat.junitxml(config)
             self.spec = _worker_items.ConfigSpec(
-                args=tuple(str(a) for a in config.invocation_params.args),
+                args=(
+                    *(str(a) for a in config.invocation_params.args),
+                    *_coverage.worker_args(config),
+                ),
                 dir=str(config.invocation_params.dir),
                 path=tuple(sys.path),
                 basetemp=str(factory.getbasetemp()) if factory is not None else None,

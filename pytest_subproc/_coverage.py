@@ -31,7 +31,7 @@ from pytest_subproc import _worker_coverage
 if TYPE_CHECKING:
     import pytest
 
-# What starts coverage.py (or pytest-cov before version 6) in a new Python
+# What starts coverage.py (or pytest-cov before version 7) in a new Python
 # process. The template measures as this process does instead, and only so.
 _STARTUP = (
     "COVERAGE_PROCESS_START",
@@ -76,8 +76,13 @@ def template_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def _spec(cov: Any) -> str:
+    """What a template is told: how ``cov`` measures, and where it started."""
     spec = _SPECS.get(cov)
     if spec is None:
+        # Made when the first template starts: the cwd is then the one
+        # measuring started in, which relative paths in its configuration
+        # are read against (unless a test left it moved, which pytest's
+        # monkeypatch.chdir and tmp_path do not).
         base = f"{os.path.abspath(cov.config.data_file)}.pytest_subproc-{_RUN}"
         config = {name: value for name, value in vars(cov.config).items() if name[0] != "_"}
         config.update(

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from types import CodeType, FrameType
 from typing import IO, Any, Callable, Optional
 
-from pytest_subproc import _codec, _errors, _wire
+from pytest_subproc import _codec, _errors, _wire, _worker_coverage
 from pytest_subproc._wire import Kind
 
 # The count of requests read, as pytest's side (_process.Receipts) reads it.
@@ -377,7 +377,10 @@ class Server:
             _RECEIPT.pack_into(self.receipts, 0, self.received)
             if kind == Kind.SHUTDOWN:
                 return
-            self.reply(*self.handle(kind, parts))
+            answer = self.handle(kind, parts)
+            if _worker_coverage.COVERAGE is not None:
+                _worker_coverage.flush()  # now: pytest may kill us once it has the reply
+            self.reply(*answer)
 
     def handle(self, kind: int, parts: list[_wire.Received]) -> tuple[int, list[_wire.Buffer]]:
         """Run one request and return the reply (kind, parts); never raises."""

@@ -31,7 +31,12 @@ def quiet_plugins(config: pytest.Config) -> None:
 
     pytest-rerunfailures serves its xdist status database from a thread in
     every run that has xdist installed; a worker never reruns anything.
+    pytest-cov is turned off by ``--no-cov`` in a worker, which measures as
+    the pytest process says instead; its plugin, left disabled, would fail
+    every ``no_cover`` test.
     """
+    if getattr(config.option, "no_cov", False) and config.pluginmanager.has_plugin("_cov"):
+        config.pluginmanager.unregister(name="_cov")
     db = getattr(config, "failures_db", None)
     sock = getattr(db, "sock", None)
     if not isinstance(sock, socket.socket):

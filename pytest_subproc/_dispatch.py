@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import pytest
 
-from pytest_subproc import _compat, _errors, _settings, _wire, _worker_items
+from pytest_subproc import _compat, _coverage, _errors, _settings, _wire, _worker_items
 from pytest_subproc._exceptions import WorkerCrashed, WorkerStartError, WorkerTimeout
 from pytest_subproc._process import PACKAGE_ROOT, Reply, Worker, child_env
 from pytest_subproc._report import replay, stack_traceback, traceback_at_test, where
@@ -129,7 +129,10 @@ class Runtime:
             cache = getattr(config, "cache", None)
             xml = _compat.junitxml(config)
             self.spec = _worker_items.ConfigSpec(
-                args=tuple(str(a) for a in config.invocation_params.args),
+                args=(
+                    *(str(a) for a in config.invocation_params.args),
+                    *_coverage.worker_args(config),
+                ),
                 dir=str(config.invocation_params.dir),
                 path=tuple(sys.path),
                 basetemp=str(factory.getbasetemp()) if factory is not None else None,
@@ -511,7 +514,7 @@ def early_template(early_config: pytest.Config) -> Optional[Template]:
     while this process loads conftest modules and configures; the pytest
     configuration follows when the runtime takes it (``warm_up``).
     """
-    if not _settings.forks_every_test(early_config):
+    if not _settings.forks_every_test(early_config) or _coverage.starts_later(early_config):
         return None
     loaded = early_config.pluginmanager.list_plugin_distinfo()
     plugins = tuple(sorted({getattr(p, "__name__", "") for p, _ in loaded} - {""}))

@@ -21,7 +21,7 @@ import tempfile
 import time
 from typing import IO, Any, Optional
 
-from pytest_subproc import _zygote
+from pytest_subproc import _coverage, _zygote
 from pytest_subproc._exceptions import WorkerStartError
 
 _monotonic = time.monotonic
@@ -120,7 +120,7 @@ class Template:
                 stdout=self._output,
                 stderr=self._output,
                 pass_fds=(theirs.fileno(),),
-                env=self._env,
+                env=_coverage.template_env(self._env),
                 cwd=self._cwd,
             )
         except OSError as exc:

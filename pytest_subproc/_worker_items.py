@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import pytest
 
-from pytest_subproc import _compat, _errors
+from pytest_subproc import _compat, _errors, _worker_coverage
 
 # Set on a worker's options, so the plugin knows not to route anything there.
 IN_WORKER = "subprocess_in_worker"
@@ -250,7 +250,8 @@ def run_phase(
     if state.junit is not None:
         state.junit.records.clear()
     nextitem = _compat.next_item(item.session, after, state.items) if when == "teardown" else None
-    excinfo = _run(state, item, when, nextitem)
+    with _worker_coverage.phase(item, when):
+        excinfo = _run(state, item, when, nextitem)
     error = text = None
     if excinfo is not None:
         if isinstance(item, pytest.Function) or not isinstance(excinfo.value, Exception):

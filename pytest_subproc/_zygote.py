@@ -35,7 +35,7 @@ import time
 import traceback
 from typing import Any, Callable, Optional
 
-from pytest_subproc import _child
+from pytest_subproc import _child, _worker_coverage
 
 # The fds of one worker, in the order they travel: requests, replies,
 # lifeline, faulthandler file, receipts, stdout, stderr.
@@ -394,6 +394,7 @@ def main(argv: list[str]) -> None:
     # Taken now, used after the imports: nothing in the user's folder (a
     # random.py, say) may shadow what pytest and this package import.
     cwd = os.environ.pop(_child.CWD_ENV, None)
+    coverage = os.environ.pop(_worker_coverage.ENV, None)
     with socket.socket(fileno=int(argv[1])) as ctrl:  # closed at exit, not left to warn
         os.set_inheritable(ctrl.fileno(), False)
         _child.own_group()
@@ -402,6 +403,8 @@ def main(argv: list[str]) -> None:
         if cwd is not None:
             with contextlib.suppress(OSError):
                 os.chdir(cwd)
+        if coverage is not None:  # before any warm import, conftest or test file
+            _worker_coverage.start(coverage)
         Keeper(ctrl).serve()
 
 

@@ -9,7 +9,15 @@ from typing import Any, Optional
 
 import pytest
 
-from pytest_subproc import _dispatch, _events, _report, _settings, _summary, _worker_items
+from pytest_subproc import (
+    _coverage,
+    _dispatch,
+    _events,
+    _report,
+    _settings,
+    _summary,
+    _worker_items,
+)
 from pytest_subproc._dispatch import Runtime
 from pytest_subproc._exceptions import ChildTraceException, WorkerStartError
 from pytest_subproc._subworker import Subworker
@@ -99,6 +107,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     runtime = _runtime(config)
     if runtime is not None:
         runtime.close_all()
+        _coverage.combine_leftovers(config)  # the workers are gone: their data is all written
         _events.announce_all(config, runtime)
 
 

@@ -359,3 +359,6 @@ class Kind(enum.IntEnum):
     SHUTDOWN = 6
     OK = 7  # worker -> parent: the request's result
     ERROR = 8  # worker -> parent: a serialized exception
+    # worker -> parent, inside a request: a debugger starts, so the request has
+    # no deadline any more; the parent answers with an OK on the request pipe.
+    PAUSE = 9

@@ -18,7 +18,7 @@ import pytest
 
 from pytest_subproc import _compat, _errors, _wire, _worker_items
 from pytest_subproc._exceptions import WorkerCrashed, WorkerStartError, WorkerTimeout
-from pytest_subproc._process import PACKAGE_ROOT, Worker, child_env
+from pytest_subproc._process import PACKAGE_ROOT, Pauser, Worker, child_env
 from pytest_subproc._report import replay, stack_traceback, traceback_at_test, where
 from pytest_subproc._settings import Defaults, Settings, for_item
 from pytest_subproc._subworker import relay_output
@@ -85,6 +85,8 @@ class Runtime:
     readied: dict[Worker, tuple[int, set[str]]] = field(default_factory=dict)
     # Scope nodes whose finalizer, which ends their worker, is yet to be added.
     rearm: set[Node] = field(default_factory=set)
+    # What each worker tells when a debugger starts there (see _debugging).
+    pauser: Optional[Pauser] = None
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Runtime:
@@ -228,6 +230,16 @@ class Runtime:
         if result.text is not None:
             raise pytest.fail.Exception(result.text, pytrace=False)
 
+    def worker_of(self, item: pytest.Item) -> Optional[Worker]:
+        """The worker running this marked item, if it still is the process that set it up."""
+        worker, starts = item.stash.get(_SET_UP_BY, (None, 0))
+        if worker is not None:
+            return worker if worker.starts == starts and worker.serving else None
+        settings = item.stash.get(SETTINGS, None)
+        if settings is None or not settings.isolated:
+            return None
+        return self.owned.get(scope_node(item, settings.scope))  # setting it up now
+
     def _kept_chain(self, item: pytest.Item, scope: str) -> Optional[tuple[str, ...]]:
         """The node ids of the collectors the worker keeps set up after this teardown."""
         if scope != "function" and _compat.collectors_kept(item):
@@ -356,6 +368,7 @@ class Runtime:
 
     def _worker(self) -> Worker:
         worker = Worker(capture=self.capture, template=self.template, warm=self.defaults.preload)
+        worker.pauser = self.pauser
         self.live.append(worker)
         return worker
 

@@ -9,7 +9,15 @@ from typing import Any, Optional
 
 import pytest
 
-from pytest_subproc import _dispatch, _events, _report, _settings, _summary, _worker_items
+from pytest_subproc import (
+    _debugging,
+    _dispatch,
+    _events,
+    _report,
+    _settings,
+    _summary,
+    _worker_items,
+)
 from pytest_subproc._dispatch import Runtime
 from pytest_subproc._exceptions import ChildTraceException, WorkerStartError
 from pytest_subproc._subworker import Subworker
@@ -59,6 +67,9 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     config.stash[RUNTIME] = runtime = Runtime.from_config(config)
     _settings.check_preload(runtime.defaults.preload)
+    # Debuggers reach into the workers.
+    runtime.pauser = _debugging.TerminalLender(config)
+    _debugging.register(config, runtime.worker_of)
     if runtime.defaults.isolate_all and not config.getoption("collectonly"):
         # Every test needs a worker: the template configures pytest while
         # this process collects.

@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import pytest
 
-from pytest_subproc import _compat, _errors, _wire, _worker_items
+from pytest_subproc import _compat, _errors, _interrupts, _wire, _worker_items
 from pytest_subproc._exceptions import WorkerCrashed, WorkerStartError, WorkerTimeout
 from pytest_subproc._process import PACKAGE_ROOT, Pauser, Worker, child_env
 from pytest_subproc._report import replay, stack_traceback, traceback_at_test, where
@@ -208,6 +208,11 @@ class Runtime:
             reply = worker.request(Kind.CALL, call, timeout=item.stash[SETTINGS].timeout)
         except (_wire.WireError, OSError) as exc:
             raise self._lost(item, worker, exc, when) from None
+        except BaseException as exc:  # Ctrl-C, pytest-timeout: show the worker's frames
+            what = _interrupts.point_at_worker(item, exc)
+            if what is not None:
+                self.casualties.append((item.nodeid, what))
+            raise exc  # with its traceback rebuilt (a bare raise keeps the old one on 3.9)
         finally:
             self.note_idle_deaths(worker, item.nodeid)
         relay_output(reply)

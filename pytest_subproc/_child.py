@@ -41,6 +41,10 @@ BACKSTOP = 0.1
 # As many threads, and frames of each, as faulthandler dumps.
 _MAX_THREADS = 100
 _MAX_DEPTH = 100
+# The signal that has faulthandler write every thread's stack to the fault
+# file, sent by the template when pytest's wait for a reply is interrupted.
+# Ignored by default, and seldom used: a stray one costs a dump, nothing more.
+DUMP_SIGNAL: Optional[int] = getattr(signal, "SIGURG", None)
 
 # Every function the worker's own machinery calls is taken at import: a test
 # body that replaces one (os.dup2, faulthandler.dump_traceback_later) and
@@ -322,21 +326,6 @@ def _stack(ident: int, frame: Optional[FrameType], current: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-# The server of this process's requests, for a request that replies in parts.
-_SERVER: Optional[Server] = None
-
-
-def reply_part(value: Any) -> None:
-    """Send ``value`` as one part of the running request's result, with more to follow.
-
-    The output written so far belongs to this part; the request's timeout
-    starts again for what follows.
-    """
-    if _SERVER is None:
-        raise RuntimeError("no request is being served here")
-    _SERVER.part(value)
-
-
 class Server:
     """Serves requests from one parent until it says shutdown or goes away."""
 
@@ -364,6 +353,14 @@ class Server:
             Kind.CALL: self.on_call,
         }
         self.compiled: dict[tuple[str, str], CodeType] = {}
+        # Whether a request is being served; a pause() in another thread, and
+        # the lock it holds while it talks to the parent (see reply()).
+        self.busy = False
+        self.pausing = False
+        self.pause_lock = _allocate_lock()
+        # Called once before the reply goes, then dropped: what a debugger
+        # took for the request (the terminal) is given back.
+        self.before_reply: list[Callable[[], None]] = []
 
     def serve(self) -> None:
         """Loop until the parent asks us to stop or closes the request pipe."""
@@ -377,6 +374,7 @@ class Server:
             _RECEIPT.pack_into(self.receipts, 0, self.received)
             if kind == Kind.SHUTDOWN:
                 return
+            self.busy = True
             answer = self.handle(kind, parts)
             if _worker_coverage.COVERAGE is not None:
                 _worker_coverage.flush()  # now: pytest may kill us once it has the reply
@@ -410,16 +408,51 @@ class Server:
     def reply(self, kind: int, parts: list[_wire.Buffer]) -> None:
         """Flush this request's output, then send its reply."""
         _flush()  # first, so that the output belongs to this request, not the next
+        self.busy = False
+        if self.pausing:  # another thread is asking the parent: let it finish first
+            with self.pause_lock:
+                pass
+        self._give_back()
         _wire.send_parts(self.rep_fd, kind, parts)
 
     def part(self, value: Any) -> None:
         """Send one part of the running request's result; see ``reply_part``."""
         _flush()
+        self._give_back()
         # The parent reads each capture up to where it ended for this part.
         sizes = tuple(_fstat(fd).st_size for fd in self.stdio)
-        _wire.send_parts(self.rep_fd, Kind.PART, _codec.dumps((sizes, value)))
+        with self.pause_lock:  # not amid another thread's pause()
+            _wire.send_parts(self.rep_fd, Kind.PART, _codec.dumps((sizes, value)))
         if self.watchdog is not None and self.timeout is not None:
             self.watchdog.arm(self.timeout, _monotonic())
+
+    def _give_back(self) -> None:
+        """Run what must run before a reply (or a part of one) goes: see ``before_reply``."""
+        while self.before_reply:
+            with _suppress(Exception):
+                self.before_reply.pop()()
+
+    def pause(self) -> Any:
+        """Tell the parent a debugger starts in this request, and return its answer.
+
+        From then on the request has no deadline: the watchdog is disarmed
+        here, and the parent stops counting. None outside a request, where
+        no parent waits to answer.
+        """
+        with self.pause_lock:
+            self.pausing = True
+            try:
+                # reply() clears busy before it looks at pausing: one of the
+                # two threads sees the other's flag, so no PAUSE follows a reply.
+                if not self.busy:
+                    return None
+                if self.watchdog is not None:
+                    self.watchdog.disarm()
+                _wire.send_parts(self.rep_fd, Kind.PAUSE, [])
+                _, parts = _wire.recv_parts(self.req_fd)
+                return _codec.loads(parts)
+            finally:
+                self.pausing = False
 
     def arm(self, timeout: float, start: float) -> Watchdog:
         """Have every thread's stack dumped if the request overruns ``timeout`` from ``start``.
@@ -506,6 +539,31 @@ def _own_stream(stream: Optional[IO[str]], fd: int) -> IO[str]:
     return _stdio_stream(fd)
 
 
+_SERVER: Optional[Server] = None  # the worker's, once it serves
+
+
+def pause() -> Any:
+    """Tell the parent a debugger starts, and return its answer (None if no request runs)."""
+    return None if _SERVER is None else _SERVER.pause()
+
+
+def reply_part(value: Any) -> None:
+    """Send ``value`` as one part of the running request's result, with more to follow.
+
+    The output written so far belongs to this part; the request's timeout
+    starts again for what follows.
+    """
+    if _SERVER is None:
+        raise RuntimeError("no request is being served here")
+    _SERVER.part(value)
+
+
+def before_reply(callback: Callable[[], None]) -> None:
+    """Have ``callback`` run once, before the reply of the request being served goes."""
+    if _SERVER is not None:
+        _SERVER.before_reply.append(callback)
+
+
 def _close_fds(*fds: int) -> None:
     for fd in fds:
         with _suppress(OSError):
@@ -523,6 +581,8 @@ def serve_worker(req_fd: int, rep_fd: int, life_fd: int, fault_fd: int, receipts
         os.register_at_fork(after_in_child=lambda: _close_fds(req_fd, rep_fd, life_fd))
     fault = open(fault_fd, "w", closefd=False)  # noqa: SIM115 - lives as long as we do
     faulthandler.enable(file=fault, all_threads=True)
+    if DUMP_SIGNAL is not None and hasattr(faulthandler, "register"):
+        faulthandler.register(DUMP_SIGNAL, file=fault, all_threads=True)
     watch_parent(life_fd)
     receipts = mmap.mmap(receipts_fd, mmap.PAGESIZE)
     _wire.send_parts(rep_fd, Kind.READY, [])

@@ -1,8 +1,10 @@
 """Every use of pytest's private API, in one place, for pytest 7, 8 and 9.
 
-All of it runs in the worker: making a config and session from arguments,
-collecting one file under the session's collectors, and running one phase
-of an item inside the wrappers pytest puts around a whole test.
+Most of it runs in the worker: making a config and session from arguments,
+collecting one file under the session's collectors, running one phase of an
+item inside the wrappers pytest puts around a whole test, and starting
+pytest's debugger there. pytest's process uses it for junitxml and to show a
+failure before ``--pdb`` debugs it.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import contextlib
 import importlib
 import io
 import socket
+import sys
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 
@@ -276,3 +279,96 @@ class Protocol:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+# pytest's debugger (_pytest.debugging): the worker's debuggers and post-mortems.
+
+
+def watch_debuggers(
+    start: Callable[[], None],
+    aside: Callable[[], None],
+    back: Callable[[], None],
+    capturing: Callable[[], Any],
+) -> None:
+    """Be told when pytest's debugger starts here, continues, and stops again after that.
+
+    Every debugger pytest starts (``breakpoint()``, ``pdb.set_trace()``,
+    ``--trace``, ``--pdb``) is made by ``pytestPDB._init_pdb``: ``start()``
+    runs first. pytest turns capture back on at ``continue``, where
+    ``aside()`` runs, and off when that debugger stops again (a breakpoint,
+    Ctrl-C), where ``back()`` runs. Its banners say whether capture was
+    turned off: in a worker, it is pytest's process that captures, as
+    ``capturing()`` tells.
+    """
+    from _pytest.debugging import pytestPDB
+
+    init = pytestPDB._init_pdb.__func__  # type: ignore[attr-defined]
+    is_capturing = pytestPDB._is_capturing.__func__  # type: ignore[attr-defined]
+    wrapper_class = pytestPDB._get_pdb_wrapper_class.__func__  # type: ignore[attr-defined]
+
+    def _init_pdb(cls: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        start()
+        return init(cls, method, *args, **kwargs)
+
+    def _is_capturing(cls: Any, capman: Any) -> Any:
+        return capturing() or is_capturing(cls, capman)
+
+    def _get_pdb_wrapper_class(cls: Any, pdb_cls: Any, capman: Any) -> Any:
+        base = wrapper_class(cls, pdb_cls, capman)
+
+        class Wrapper(base):  # type: ignore[misc,valid-type]
+            def do_continue(self, arg: str) -> Any:
+                result = base.do_continue(self, arg)
+                if pytestPDB._recursive_debug == 0:
+                    aside()
+                return result
+
+            do_continue.__doc__ = base.do_continue.__doc__  # what pdb's help shows
+            do_c = do_cont = do_continue
+
+            def setup(self, f: Any, tb: Any) -> Any:
+                if self._continued:
+                    back()
+                return base.setup(self, f, tb)
+
+        Wrapper.__name__ = Wrapper.__qualname__ = base.__name__
+        return Wrapper
+
+    setattr(pytestPDB, "_init_pdb", classmethod(_init_pdb))  # noqa: B010 - a method
+    setattr(pytestPDB, "_is_capturing", classmethod(_is_capturing))  # noqa: B010
+    setattr(pytestPDB, "_get_pdb_wrapper_class", classmethod(_get_pdb_wrapper_class))  # noqa: B010
+
+
+def post_mortem(excinfo: Any) -> None:
+    """Debug a failure on its traceback, as pytest's ``--pdb`` does."""
+    from _pytest import debugging
+
+    target = getattr(debugging, "_postmortem_exc_or_tb", None)  # pytest 8.4 and later
+    if target is None:
+        target = debugging._postmortem_traceback  # type: ignore[attr-defined]
+    debugging.post_mortem(target(excinfo))
+
+
+def show_failure_for_pdb(node: Any, report: Any) -> None:
+    """Write what pytest's ``--pdb`` writes before its post-mortem: output, traceback, banner."""
+    capman = node.config.pluginmanager.getplugin("capturemanager")
+    if capman:
+        capman.suspend_global_capture(in_=True)
+        out, err = capman.read_global_capture()
+        sys.stdout.write(out)
+        sys.stdout.write(err)
+    tw = node.config.pluginmanager.getplugin("terminalreporter")._tw
+    tw.line()
+    showcapture = node.config.option.showcapture
+    for name, content in (
+        ("stdout", report.capstdout),
+        ("stderr", report.capstderr),
+        ("log", report.caplog),
+    ):
+        if showcapture in (name, "all") and content:
+            tw.sep(">", "captured " + name)
+            tw.line(content[:-1] if content.endswith("\n") else content)
+    tw.sep(">", "traceback")
+    report.toterminal(tw)
+    tw.sep(">", "entering PDB")
+    report._pdbshown = True  # the summary does not show the failure again

@@ -16,9 +16,9 @@ from typing import Any, Optional, Union
 
 import pytest
 
-from pytest_subproc import _compat, _coverage, _errors, _settings, _wire, _worker_items
+from pytest_subproc import _compat, _coverage, _errors, _interrupts, _settings, _wire, _worker_items
 from pytest_subproc._exceptions import WorkerCrashed, WorkerStartError, WorkerTimeout
-from pytest_subproc._process import PACKAGE_ROOT, Reply, Worker, child_env
+from pytest_subproc._process import PACKAGE_ROOT, Pauser, Reply, Worker, child_env
 from pytest_subproc._report import replay, stack_traceback, traceback_at_test, where
 from pytest_subproc._settings import Defaults, Settings, for_item
 from pytest_subproc._subworker import relay_output
@@ -91,6 +91,8 @@ class Runtime:
     readied: dict[Worker, tuple[int, set[str]]] = field(default_factory=dict)
     # Scope nodes whose finalizer, which ends their worker, is yet to be added.
     rearm: set[Node] = field(default_factory=set)
+    # What each worker tells when a debugger starts there (see _debugging).
+    pauser: Optional[Pauser] = None
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Runtime:
@@ -261,21 +263,32 @@ class Runtime:
 
     def _ask(self, item: pytest.Item, worker: Worker, when: str, fn: Any, *args: Any) -> Reply:
         """Send a request for a phase of ``item``: ``fn(spec, path, nodeid, *args)`` there."""
+        timeout = item.stash[SETTINGS].timeout
         call: tuple[Any, ...] = (fn, (self.config_spec(), _file_of(item), item.nodeid, *args), {})
         try:
-            return worker.request(Kind.CALL, call, timeout=item.stash[SETTINGS].timeout)
-        except (_wire.WireError, OSError) as exc:
-            raise self._lost(item, worker, exc, when) from None
+            return self._wait(item, worker, when, worker.request, Kind.CALL, call, timeout=timeout)
         finally:
             self.note_idle_deaths(worker, item.nodeid)
 
     def _follow(self, item: pytest.Item, worker: Worker, when: str) -> Reply:
         """Take the next phase's result, which the worker sends as it runs ahead."""
         item.stash[_DUE].pop(0)
+        return self._wait(item, worker, when, worker.follow)
+
+    def _wait(
+        self, item: pytest.Item, worker: Worker, when: str, get: Any, *args: Any, **kwargs: Any
+    ) -> Reply:
+        """Return ``get(*args, **kwargs)``, a reply; raise what broke or interrupted the wait."""
         try:
-            return worker.follow()
+            reply: Reply = get(*args, **kwargs)
         except (_wire.WireError, OSError) as exc:
             raise self._lost(item, worker, exc, when) from None
+        except BaseException as exc:  # Ctrl-C, pytest-timeout: show the worker's frames
+            what = _interrupts.point_at_worker(item, exc)
+            if what is not None:
+                self.casualties.append((item.nodeid, what))
+            raise exc  # with its traceback rebuilt (a bare raise keeps the old one on 3.9)
+        return reply
 
     def _report(self, item: pytest.Item, reply: Reply) -> None:
         """Give pytest what a phase left for its report, and raise what it raised."""
@@ -299,6 +312,16 @@ class Runtime:
             raise _errors.load_exception(result.error)
         if result.text is not None:
             raise pytest.fail.Exception(result.text, pytrace=False)
+
+    def worker_of(self, item: pytest.Item) -> Optional[Worker]:
+        """The worker running this marked item, if it still is the process that set it up."""
+        worker, starts = item.stash.get(_SET_UP_BY, (None, 0))
+        if worker is not None:
+            return worker if worker.starts == starts and worker.serving else None
+        settings = item.stash.get(SETTINGS, None)
+        if settings is None or not settings.isolated:
+            return None
+        return self.owned.get(scope_node(item, settings.scope))  # setting it up now
 
     def _kept_chain(self, item: pytest.Item, scope: str) -> Optional[tuple[str, ...]]:
         """The node ids of the collectors the worker keeps set up after this teardown."""
@@ -432,6 +455,7 @@ class Runtime:
 
     def _worker(self) -> Worker:
         worker = Worker(capture=self.capture, template=self.template, warm=self.defaults.preload)
+        worker.pauser = self.pauser
         self.live.append(worker)
         return worker
 

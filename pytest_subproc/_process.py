@@ -21,7 +21,7 @@ import struct
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Protocol, Union
 
 import pytest_subproc
 from pytest_subproc import _child, _codec, _errors, _template, _wire
@@ -31,6 +31,7 @@ from pytest_subproc._wire import Kind
 
 # Clocks taken at import, so tests that mock ``time`` cannot disturb deadlines.
 _monotonic = time.monotonic
+_sleep = time.sleep
 
 # How long past a timeout the parent waits for the worker's own faulthandler
 # exit before it kills the tree itself.
@@ -39,6 +40,12 @@ START_TIMEOUT = 60.0
 # How long a crashed worker's exit code may take to come from its template.
 REAP_WAIT = 1.0
 TAIL = 1 << 16
+# How long an interrupted wait gives the worker to write its stacks, and how
+# often it looks whether the dump has stopped growing.
+DUMP_WAIT = 1.0
+DUMP_POLL = 0.01
+# The attribute of an exception that interrupted a wait: (pid, the worker's stacks or "").
+_STACK_ATTR = "pytest_subproc_worker_stack"
 
 
 def signal_name(exitcode: Optional[int]) -> Optional[str]:
@@ -139,6 +146,21 @@ class CaptureFile:
             self.offset = max(offset, self.offset)
         return b"".join(chunks).decode("utf-8", "replace")
 
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def settled(self, start: int, wait: float) -> str:
+        """What is written past ``start`` once it has grown and stopped growing (or ``wait`` s)."""
+        deadline, size = _monotonic() + wait, start
+        while _monotonic() < deadline:
+            _sleep(DUMP_POLL)
+            now = self.size()
+            if start < now == size:
+                break
+            size = now
+        self.dirty = True
+        return os.pread(self.fd, max(self.size() - start, 0), start).decode("utf-8", "replace")
+
     def close(self) -> None:
         os.close(self.fd)
 
@@ -182,6 +204,22 @@ class Reply:
         if self.error is not None:
             raise self.error
         return self.value
+
+
+class Pauser(Protocol):
+    """What pytest's side does when a debugger starts in the worker, and after the request."""
+
+    def pause(self, worker: Worker) -> Any:
+        """Get ready for the debugger; return the answer the worker gets (the terminal)."""
+
+    def resume(self) -> None:
+        """Take back what pause() lent, once the request is over, however it ended."""
+
+
+def worker_stack(exc: BaseException) -> Optional[tuple[int, str]]:
+    """The worker's pid and stacks, if ``exc`` interrupted the wait for its reply."""
+    found: Optional[tuple[int, str]] = getattr(exc, _STACK_ATTR, None)
+    return found
 
 
 def child_env() -> dict[str, str]:
@@ -236,6 +274,8 @@ class Worker:
         self._more = False
         self._timeout: Optional[float] = None
         self._req = self._rep = self._life = -1
+        # Told when a debugger starts in the worker; None: the worker gets no terminal.
+        self.pauser: Optional[Pauser] = None
 
     @property
     def pid(self) -> Optional[int]:
@@ -469,20 +509,32 @@ class Worker:
         """Wait for the reply (or its next part); None if a request just ``sent`` went unread."""
         started = _monotonic()
         deadline = None if timeout is None else started + timeout + BACKSTOP
+        paused = False
         try:
             _wire.await_readable(self._rep, _wire.AWAKE)
             rkind, answer = self._receive(deadline)
+            while rkind == Kind.PAUSE:  # a debugger starts there: wait as long as it takes
+                paused, deadline = True, None
+                self._answer_pause()
+                rkind, answer = self._receive(deadline)
         except _wire.WireTimeout:
             return self._reply(error=self._timed_out(timeout, killed=True))
         except _wire.WireClosed:
             return self._closed(timeout, started, sent=sent)
         except _wire.WireCorrupt as exc:
             return self._reply(error=self._garbled(exc))
-        except BaseException:
-            # Interrupted (Ctrl-C) or out of step: the reply still due would
-            # answer the next request, so this worker cannot serve again.
-            self._kill()
+        except BaseException as exc:
+            # Interrupted (Ctrl-C, pytest-timeout) or out of step: the reply
+            # still due would answer the next request, so this worker cannot
+            # serve again. Where it was goes with the exception.
+            try:
+                self._note_stack(exc)
+            finally:
+                self._kill()
             raise
+        finally:
+            if paused:
+                self._resume()
         if rkind == Kind.ERROR:
             return self._reply(error=_errors.load_exception(bytes(answer[0])))
         try:
@@ -501,6 +553,39 @@ class Worker:
         if sent and unread:
             return None  # nothing of the request ran
         return self._reply(error=self._died(timeout, _monotonic() - started))
+
+    def _answer_pause(self) -> None:
+        answer = None
+        try:
+            if self.pauser is not None:
+                answer = self.pauser.pause(self)
+        finally:  # the worker waits for an answer, whatever happened here
+            _wire.send_parts(self._req, Kind.OK, _codec.dumps(answer))
+
+    def _resume(self) -> None:
+        if self.pauser is not None:
+            self.pauser.resume()
+
+    def _note_stack(self, exc: BaseException) -> None:
+        proc = self._proc
+        if proc is not None and proc.pid_or_none is not None:  # a worker was interrupted
+            setattr(exc, _STACK_ATTR, (proc.pid_or_none, self.dump_stacks()))
+
+    def dump_stacks(self, wait: float = DUMP_WAIT) -> str:
+        """Have the worker write every thread's stack (its template signals it); return them.
+
+        Safe from another thread than the one waiting for a reply: it only
+        sends to the template and reads the fault file.
+        """
+        proc, template, fault = self._proc, self.template, self._files.get("fault")
+        pid = None if proc is None else proc.pid_or_none
+        if pid is None or proc is None or proc.returncode is not None:
+            return ""
+        if template is None or fault is None or _child.DUMP_SIGNAL is None:
+            return ""
+        start = fault.size()
+        template.dump(pid)
+        return clean_stack(fault.settled(start, wait))
 
     def _death(self) -> str:
         """Describe how the worker died while nothing was asked of it."""

@@ -8,6 +8,7 @@ worker's stack dump, so the report points at the test's own line.
 from __future__ import annotations
 
 import inspect
+import linecache
 import re
 import types
 import warnings
@@ -52,11 +53,25 @@ def stack_traceback(stack: str, path: str, name: str, first: int) -> Optional[ty
         if starts:
             frames = frames[starts[0] :]
             records = [
-                (f, line, n, first if i == 0 else line) for i, (f, line, n) in enumerate(frames)
+                (f, line, n, first if i == 0 else _def_line(f, line, n))
+                for i, (f, line, n) in enumerate(frames)
             ]
             return _errors.traceback_from(records)
     # No dump (a plain exit): point at the test function itself.
     return _errors.traceback_from([(path, first, name, first)])
+
+
+def _def_line(path: str, line: int, name: str) -> int:
+    """The line of ``def name`` above ``line`` (a dump tells no first line), else ``line``.
+
+    So the report shows a helper's source from its ``def``, with its name.
+    """
+    lines = linecache.getlines(path)
+    header = re.compile(rf"\s*(async\s+)?def\s+{re.escape(name)}\b")
+    for number in range(min(line, len(lines)), 0, -1):
+        if header.match(lines[number - 1]):
+            return number
+    return line
 
 
 def where(item: Any) -> tuple[str, str, int]:

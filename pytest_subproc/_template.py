@@ -209,6 +209,16 @@ class Template:
             with contextlib.suppress(OSError):
                 _zygote.send(self._sock, {"op": "kill", "pid": pid})
 
+    def dump(self, pid: int) -> None:
+        """Have the template signal a worker it forked to dump its stacks.
+
+        It only sends: safe from another thread while pytest waits on the socket.
+        """
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                _zygote.send(sock, {"op": "dump", "pid": pid})
+
     def resolve(self, proc: ForkedProcess) -> None:
         """Read answers until the template has said what became of ``proc``'s fork."""
         deadline = _monotonic() + START_TIMEOUT

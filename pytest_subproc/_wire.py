@@ -412,3 +412,6 @@ class Kind(enum.IntEnum):
     # worker -> parent: one part of a request's result, more to follow, with
     # the sizes its stdout and stderr captures had when it was sent.
     PART = 9
+    # worker -> parent, inside a request: a debugger starts, so the request has
+    # no deadline any more; the parent answers with an OK on the request pipe.
+    PAUSE = 10

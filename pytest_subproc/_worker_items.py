@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import pytest
 
-from pytest_subproc import _compat, _errors, _worker_coverage
+from pytest_subproc import _compat, _errors, _worker_coverage, _worker_debugging
 
 # Set on a worker's options, so the plugin knows not to route anything there.
 IN_WORKER = "subprocess_in_worker"
@@ -31,7 +31,8 @@ IN_WORKER = "subprocess_in_worker"
 # files, which the parent reads per request. (No plugin is blocked with -p:
 # its ini keys would become unknown, an error under --strict-config.)
 _EXTRA_ARGS = ("--capture=no",)
-# Options that act once per run, in the parent: off in a worker.
+# Options that act once per run, in the parent: off in a worker. (--pdb and
+# --trace stay on: the worker debugs its own tests, see _worker_debugging.)
 _OFF: dict[str, Any] = {
     "xmlpath": None,
     "lf": False,
@@ -40,8 +41,6 @@ _OFF: dict[str, Any] = {
     "stepwise": False,
     "stepwise_skip": False,
     "cacheclear": False,
-    "usepdb": False,
-    "trace": False,
     "numprocesses": None,
     "maxprocesses": None,
     "dist": "no",
@@ -193,6 +192,7 @@ def _configured(spec: ConfigSpec) -> pytest.Config:
         config._do_configure()
     _compat.share_dirs(config, spec.basetemp, spec.cachedir)
     _compat.quiet_plugins(config)
+    _worker_debugging.install(config)
     # The first use of tempfile in a process probes the directory (it writes
     # and unlinks a file); pytest's basetemp did that in the parent before
     # any test, so here too, not inside the first test that uses tempfile.
@@ -254,6 +254,7 @@ def run_phase(
         excinfo = _run(state, item, when, nextitem)
     error = text = None
     if excinfo is not None:
+        _worker_debugging.keep(state.config, nodeid, when, excinfo)
         if isinstance(item, pytest.Function) or not isinstance(excinfo.value, Exception):
             error = _errors.dump_exception(excinfo.value)
         else:

@@ -199,6 +199,7 @@ class Keeper:
             "plugins": self.on_plugins,
             "configure": self.on_configure,
             "kill": self.on_kill,
+            "dump": self.on_dump,
         }
 
     def answer(self, message: Any) -> None:
@@ -300,6 +301,13 @@ class Keeper:
         pid = message["pid"]
         if pid in self.workers:  # not reaped yet: that pid and its group are still ours
             _kill(pid)
+
+    def on_dump(self, message: dict[str, Any], fds: list[int]) -> None:
+        """Have a worker write its threads' stacks (pytest's wait for it was interrupted)."""
+        pid = message["pid"]
+        if pid in self.workers and _child.DUMP_SIGNAL is not None:  # unreaped: still ours
+            with contextlib.suppress(OSError):
+                os.kill(pid, _child.DUMP_SIGNAL)
 
     def reap(self) -> None:
         """Reap every child that has exited, report workers' exits, kill orphans."""

@@ -11,8 +11,10 @@ import pytest
 
 from pytest_subproc import (
     _coverage,
+    _debugging,
     _dispatch,
     _events,
+    _interrupts,
     _report,
     _settings,
     _summary,
@@ -83,6 +85,12 @@ def pytest_configure(config: pytest.Config) -> None:
     if EARLY in config.stash:
         del config.stash[EARLY]
     _settings.check_preload(runtime.defaults.preload)
+    # Debuggers and interrupts reach into the workers.
+    runtime.pauser = _debugging.TerminalLender(config)
+    _debugging.register(config, runtime.worker_of)
+    config.pluginmanager.register(
+        _interrupts.ThreadTimeout(_is_isolated, runtime.worker_of), "pytest_subproc-thread-timeout"
+    )
     if runtime.defaults.isolate_all and not config.getoption("collectonly"):
         # Every test needs a worker: the template configures pytest while
         # this process collects.

@@ -534,15 +534,15 @@ class Runtime:
 def early_template(early_config: pytest.Config) -> Optional[Template]:
     """Start the template before pytest configures itself, if every test will need it.
 
-    It imports pytest and the plugins this process loaded from entry points
-    while this process loads conftest modules and configures; the pytest
-    configuration follows when the runtime takes it (``warm_up``).
+    It imports pytest while this process loads conftest modules and
+    configures; the pytest configuration follows when the runtime takes it
+    (``warm_up``). (It does not import the plugins ahead: pytest marks them
+    for assertion rewriting as it configures, and warns of any imported
+    before, an error under ``-W error``.)
     """
     if not _settings.forks_every_test(early_config) or _coverage.starts_later(early_config):
         return None
-    loaded = early_config.pluginmanager.list_plugin_distinfo()
-    plugins = tuple(sorted({getattr(p, "__name__", "") for p, _ in loaded} - {""}))
-    template = Template(child_env(), PACKAGE_ROOT, plugins=plugins)
+    template = Template(child_env(), PACKAGE_ROOT)
     try:
         template.launch()
     except (WorkerStartError, OSError):

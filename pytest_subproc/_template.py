@@ -65,11 +65,9 @@ class Template:
         warm: tuple[str, ...] = (),
         *,
         configure: Any = None,
-        plugins: tuple[str, ...] = (),
     ) -> None:
         self._env, self._cwd = env, cwd
         self._warm = warm  # modules to import before the first fork (subprocess_preload)
-        self._plugins = plugins  # pytest's plugin modules, imported while pytest starts
         # How to configure pytest there, before any worker is forked (a ConfigSpec).
         self._configure = configure
         # Once the template has configured pytest: why forking it is unsafe ('' if it is not).
@@ -132,9 +130,6 @@ class Template:
         self._pidfd = _pidfd(self._proc.pid)
         self._sock = ours  # its "ready" is read with the first answer
         HELD.add(ours.fileno())
-        if self._plugins:
-            with contextlib.suppress(OSError):  # gone already: its workers' starts say so
-                _zygote.send(ours, {"op": "plugins", "modules": list(self._plugins)})
         self._send_setup()
 
     def prepare(self, warm: tuple[str, ...], configure: Any) -> None:

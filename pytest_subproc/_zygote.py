@@ -196,7 +196,6 @@ class Keeper:
             "fork": self.on_fork,
             "import": self.on_import,
             "warm": self.on_warm,
-            "plugins": self.on_plugins,
             "configure": self.on_configure,
             "kill": self.on_kill,
             "dump": self.on_dump,
@@ -255,19 +254,6 @@ class Keeper:
                     "process with threads cannot be forked safely"
                 )
                 return
-
-    def on_plugins(self, message: dict[str, Any], fds: list[int]) -> None:
-        """Import the plugins pytest loaded from entry points, while pytest still starts.
-
-        Configuring pytest here would import them anyway; importing them
-        before the configuration arrives takes them off the first test's wait.
-        What fails or starts a thread here is met again, and told, then.
-        """
-        for name in message["modules"]:
-            if thread_count() > 1:
-                return
-            with contextlib.suppress(BaseException):
-                importlib.import_module(name)
 
     def on_configure(self, message: dict[str, Any], fds: list[int]) -> None:
         error = _configure(message)

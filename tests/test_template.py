@@ -235,6 +235,16 @@ def test_under_subprocess_the_template_starts_before_conftests_load(
     """Every test needs it: it imports pytest and the plugins while pytest configures."""
     if disabled:
         monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    # A plugin module the template imported before pytest marked it for
+    # assertion rewriting would warn, and so fail the worker's configuration.
+    pytester.makeini(
+        """
+        [pytest]
+        filterwarnings =
+            error
+            ignore:The configuration option "asyncio_default_fixture_loop_scope" is unset
+        """
+    )
     pytester.makeconftest(
         """
         import psutil

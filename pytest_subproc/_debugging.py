@@ -122,22 +122,12 @@ def _taken_back(group: int) -> Iterator[None]:
         yield
     finally:
         # The worker gives them back itself; this is for one that died first.
-        with contextlib.suppress(OSError, termios.error), _blocked(signal.SIGTTOU):
+        with contextlib.suppress(OSError, termios.error), _worker_debugging.blocked(signal.SIGTTOU):
             with contextlib.suppress(OSError):
                 if os.tcgetpgrp(0) != group:
                     os.tcsetpgrp(0, group)
             if termios.tcgetattr(0) != modes:
                 termios.tcsetattr(0, termios.TCSADRAIN, modes)
-
-
-@contextlib.contextmanager
-def _blocked(signum: int) -> Iterator[None]:
-    """Block ``signum`` for a while: a background group setting the terminal gets SIGTTOU."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class PostMortem:

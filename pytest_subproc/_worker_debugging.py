@@ -136,7 +136,7 @@ class _Loan:
         if foreground is not None:
             # A background group that reads its terminal is stopped; so is
             # one that sets the foreground, unless SIGTTOU is blocked.
-            with _blocked(signal.SIGTTOU):
+            with blocked(signal.SIGTTOU):
                 os.tcsetpgrp(fd, os.getpgrp())
         cls.current = cls(fd, foreground)
         return cls.current
@@ -170,14 +170,15 @@ class _Loan:
         for saved in self.saved:
             os.close(saved)
         if self.pgrp is not None:
-            with contextlib.suppress(OSError), _blocked(signal.SIGTTOU):
+            with contextlib.suppress(OSError), blocked(signal.SIGTTOU):
                 os.tcsetpgrp(self.fd, self.pgrp)
         os.close(self.fd)
         _restore(getattr(signal, "SIGTSTP", None), self.tstp)
 
 
 @contextlib.contextmanager
-def _blocked(signum: int) -> Iterator[None]:
+def blocked(signum: int) -> Iterator[None]:
+    """Block ``signum`` for a while: a background group setting the terminal gets SIGTTOU."""
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
     try:
         yield

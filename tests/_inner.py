@@ -157,3 +157,23 @@ class ProcessState:
             changed.append(f"changed sys.path: {what}")
             sys.path[:] = self.path
         return changed
+
+
+# pytest in a session of its own whose controlling terminal is the pty named
+# first, with ``stty tostop``: a background process group that writes to the
+# terminal is stopped, as job control does.
+IN_TERMINAL = """
+import os, signal, sys, termios
+os.setsid()
+fd = os.open(sys.argv[1], os.O_RDWR)  # opened by a session leader: its terminal
+mode = termios.tcgetattr(fd)
+mode[3] |= termios.TOSTOP
+termios.tcsetattr(fd, termios.TCSANOW, mode)
+for std in (0, 1, 2):
+    os.dup2(fd, std)
+os.close(fd)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.argv = ["pytest", *sys.argv[2:]]
+import pytest
+sys.exit(pytest.main())
+"""

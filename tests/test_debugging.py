@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from _inner import PLUGIN, assert_gone, read_pids, run_inner
+from _inner import IN_TERMINAL, PLUGIN, assert_gone, read_pids, run_inner
 
 pytestmark = [
     pytest.mark.usefixtures("no_plugin_autoload"),
@@ -33,26 +33,6 @@ pytestmark = [
 # Options of every inner run: only this plugin, no cache, no colours to match around.
 INNER = (*PLUGIN, "-p", "no:cacheprovider", "--color=no")
 TIMEOUT = ("-p", "pytest_timeout")
-
-# pytest in a session of its own whose controlling terminal is the pty named
-# first, as a shell would start it. With ``stty tostop``, a background
-# process group that writes to the terminal is stopped: a worker that wrote
-# before it held the foreground would hang the run.
-IN_TERMINAL = """
-import os, signal, sys, termios
-os.setsid()
-fd = os.open(sys.argv[1], os.O_RDWR)  # opened by a session leader: its terminal
-mode = termios.tcgetattr(fd)
-mode[3] |= termios.TOSTOP
-termios.tcsetattr(fd, termios.TCSANOW, mode)
-for std in (0, 1, 2):
-    os.dup2(fd, std)
-os.close(fd)
-signal.signal(signal.SIGINT, signal.default_int_handler)
-sys.argv = ["pytest", *sys.argv[2:]]
-import pytest
-sys.exit(pytest.main())
-"""
 
 
 class Terminal:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _inner import PARENT_CONFTEST, PLUGIN, assert_gone, read_pids, running
+from _inner import IN_TERMINAL, PARENT_CONFTEST, PLUGIN, assert_gone, read_pids, running
 from _inner import run_inner as run
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
@@ -697,25 +697,6 @@ def test_sigkill_of_pytest_takes_the_worker_down(pytester: pytest.Pytester, pidl
         _stop(proc)
     assert_gone([worker], timeout=5.0)
 
-
-# pytest in a session of its own whose controlling terminal is the pty named
-# first, with ``stty tostop``: a background process group that writes to the
-# terminal is stopped, as job control does.
-IN_TERMINAL = """
-import os, signal, sys, termios
-os.setsid()
-fd = os.open(sys.argv[1], os.O_RDWR)  # opened by a session leader: its terminal
-mode = termios.tcgetattr(fd)
-mode[3] |= termios.TOSTOP
-termios.tcsetattr(fd, termios.TCSANOW, mode)
-for std in (0, 1, 2):
-    os.dup2(fd, std)
-os.close(fd)
-signal.signal(signal.SIGINT, signal.default_int_handler)
-sys.argv = ["pytest", *sys.argv[2:]]
-import pytest
-sys.exit(pytest.main())
-"""
 
 needs_pty = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="a pseudo-terminal with job control"

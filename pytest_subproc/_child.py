@@ -45,6 +45,10 @@ _MAX_DEPTH = 100
 # file, sent by the template when pytest's wait for a reply is interrupted.
 # Ignored by default, and seldom used: a stray one costs a dump, nothing more.
 DUMP_SIGNAL: Optional[int] = getattr(signal, "SIGURG", None)
+# Whether faulthandler dumps on that signal here, GIL or not: then pytest has
+# the stacks of a body that holds the GIL past its timeout dumped that way,
+# and no request needs faulthandler's timer (a thread started per request).
+_DUMPS_ON_SIGNAL = DUMP_SIGNAL is not None and hasattr(faulthandler, "register")
 
 # Every function the worker's own machinery calls is taken at import: a test
 # body that replaces one (os.dup2, faulthandler.dump_traceback_later) and
@@ -215,10 +219,11 @@ class Watchdog:
     faulthandler dumps at most 100 threads, newest first: the thread serving
     requests, the oldest, is missing from its dump of a body that started
     more. This thread of ours writes every stack in faulthandler's format
-    instead. faulthandler's own timer, set a little later, stays as the
-    backstop for a body that holds the GIL and so keeps this thread from
-    running. One thread serves every request: arming a request wakes it only
-    when the request's deadline comes before the time it sleeps until.
+    instead. A body that holds the GIL keeps this thread from running: pytest
+    then has faulthandler dump on a signal, or, where it cannot, faulthandler's
+    own timer, set a little later, stays as the backstop. One thread serves
+    every request: arming a request wakes it only when the request's
+    deadline comes before the time it sleeps until.
     """
 
     def __init__(self, fault: IO[str]) -> None:
@@ -242,8 +247,9 @@ class Watchdog:
         """Dump the stacks ``timeout`` seconds after ``start``, unless disarmed before."""
         deadline = start + timeout
         with self.lock:
-            later = max(deadline + BACKSTOP - _monotonic(), 1e-3)  # faulthandler wants > 0
-            _dump_later(later, exit=False, file=self.fault)
+            if not _DUMPS_ON_SIGNAL:
+                later = max(deadline + BACKSTOP - _monotonic(), 1e-3)  # faulthandler wants > 0
+                _dump_later(later, exit=False, file=self.fault)
             self.timeout, self.deadline = timeout, deadline
             # Unlocked: it is awake already, and looks again before it sleeps.
             sooner = self.sleeps_until is None or self.sleeps_until > deadline
@@ -254,7 +260,8 @@ class Watchdog:
         """Dump nothing for the request just done."""
         with self.lock:
             self.deadline = None
-            _cancel_dump_later()
+            if not _DUMPS_ON_SIGNAL:
+                _cancel_dump_later()
 
     def watch(self, started: Any) -> None:
         """Sleep until the deadline, dump if the request still runs, and again."""
@@ -581,7 +588,7 @@ def serve_worker(req_fd: int, rep_fd: int, life_fd: int, fault_fd: int, receipts
         os.register_at_fork(after_in_child=lambda: _close_fds(req_fd, rep_fd, life_fd))
     fault = open(fault_fd, "w", closefd=False)  # noqa: SIM115 - lives as long as we do
     faulthandler.enable(file=fault, all_threads=True)
-    if DUMP_SIGNAL is not None and hasattr(faulthandler, "register"):
+    if _DUMPS_ON_SIGNAL and DUMP_SIGNAL is not None:
         faulthandler.register(DUMP_SIGNAL, file=fault, all_threads=True)
     watch_parent(life_fd)
     receipts = mmap.mmap(receipts_fd, mmap.PAGESIZE)

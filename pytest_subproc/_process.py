@@ -602,6 +602,10 @@ class Worker:
     def _timed_out(self, timeout: Optional[float], *, killed: bool) -> WorkerTimeout:
         pid = self.pid or 0
         if killed:
+            if not self._read("fault"):
+                # The worker's watchdog could not run (a body holding the
+                # GIL): faulthandler dumps on a signal, GIL or not.
+                self.dump_stacks()
             self._end(kill=True)
         stack = clean_stack(self._read("fault"))
         msg = f"worker timed out after {timeout or 0:g} s (pid {pid})"

@@ -581,7 +581,8 @@ STUBBORN = """
 def test_timeout_kills_a_stubborn_child(worker: Worker, disarm: bool) -> None:
     """seed defect 9: a busy child ignoring SIGTERM and SIGINT survived the kill.
 
-    With faulthandler disarmed and the GIL held by the body, the kill is all there is.
+    A body that disarms faulthandler's timer and holds the GIL still has its
+    stack dumped: faulthandler dumps on a signal the template sends.
     """
     worker.start()
     pid = worker.pid
@@ -590,10 +591,7 @@ def test_timeout_kills_a_stubborn_child(worker: Worker, disarm: bool) -> None:
     exc = timeout_of(run(worker, STUBBORN.format(disarm=disarm), timeout=0.5))
     assert time.monotonic() - started < 0.5 + LATE_BOUND
     assert is_gone(pid)
-    if disarm:
-        assert exc.stack == ""
-    else:
-        assert "spin_forever" in exc.stack
+    assert "spin_forever" in exc.stack
 
 
 GRANDCHILD = """

@@ -190,6 +190,16 @@ def next_item(
     return _Chain(kept)
 
 
+def seed_location(item: pytest.Item, location: tuple[str, Optional[int], str]) -> None:
+    """Give an item the location another process worked out for the same item.
+
+    pytest caches ``Item.location`` in the item's ``__dict__``; working it
+    out (relative paths from ``reportinfo``) costs more than a small test.
+    """
+    if "location" not in item.__dict__:
+        item.__dict__["location"] = location
+
+
 def collectors_kept(item: pytest.Item) -> bool:
     """Whether, in the item's teardown, some of its collectors were taken off pytest's stack.
 

@@ -173,7 +173,8 @@ class Runtime:
         then = () if self._step_by_step(item) else ("call", "teardown")
         after = item.stash[_AHEAD] = self._after(item, scope)
         try:
-            reply = self._ask(item, worker, "setup", _worker_items.run_test, then, after)
+            args = (then, after, item.location)
+            reply = self._ask(item, worker, "setup", _worker_items.run_test, *args)
             item.stash[_DUE] = list(then) if worker.more else []
             self._report(item, reply)
         finally:

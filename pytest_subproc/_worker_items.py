@@ -274,16 +274,21 @@ def run_test(
     nodeid: str,
     then: tuple[str, ...],
     after: Optional[tuple[str, ...]],
+    location: Optional[tuple[str, Optional[int], str]] = None,
 ) -> Optional[PhaseResult]:
     """Set an item up and, while each phase passes, run the phases ``then`` names.
 
     Each phase's result but the last goes back as a part of the reply
     (``_child.reply_part``): the parent reports one phase while the next
     runs here. A phase that fails ends the request, so that the parent
-    decides what comes after it, as pytest would.
+    decides what comes after it, as pytest would. ``location`` is the
+    item's, as the parent worked it out already.
     """
     from pytest_subproc import _child
 
+    item = _state(spec).items.get(nodeid)
+    if location is not None and item is not None:
+        _compat.seed_location(item, location)
     result = run_phase(spec, path, nodeid, "setup", None)
     for when in then:
         if result is not None and (result.error is not None or result.text is not None):

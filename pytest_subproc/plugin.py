@@ -182,7 +182,9 @@ def pytest_runtest_teardown(
 def _announce(item: pytest.Item) -> None:
     """Call the plugin's hooks for the workers a test's phase started, ended or lost."""
     runtime = _runtime(item.config)
-    if runtime is not None and (runtime.crashed or runtime.retired or runtime.live):
+    if runtime is not None and (
+        runtime.crashed or runtime.retired or any(w.events for w in runtime.live)
+    ):
         _events.announce_all(item.config, runtime)
 
 

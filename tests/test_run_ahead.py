@@ -111,3 +111,24 @@ def test_a_call_pytest_never_asks_for_is_not_reported(pytester: pytest.Pytester)
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines(["*ERROR at setup of test_setup_refused*", "*refused after*"])
     assert "ran ahead" not in result.stdout.str()
+
+
+def test_the_worker_s_item_has_the_location_pytest_reports(pytester: pytest.Pytester) -> None:
+    """The worker takes the item's location from pytest's process instead of working it out."""
+    pytester.mkpydir("pkg")
+    pytester.makepyfile(
+        **{
+            "pkg/test_where": """
+            import pytest
+
+            class TestPlace:
+                @pytest.mark.subprocess
+                @pytest.mark.parametrize("n", [1])
+                def test_located(self, request, n):
+                    assert request.node.location == (
+                        "pkg/test_where.py", 3, "TestPlace.test_located[1]"
+                    )
+            """
+        }
+    )
+    run_inner(pytester).assert_outcomes(passed=1)

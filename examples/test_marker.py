@@ -10,14 +10,15 @@ import pytest_subproc
 
 
 @pytest.fixture
-def parent_pid():
-    # Fixtures run in the pytest process; their values cross to the worker.
-    return os.getpid()
+def pytest_pid():
+    # A marked test's fixtures run in its worker, with the test: this one
+    # reads the pid the pytest process left in the environment (conftest.py).
+    return int(os.environ["EXAMPLES_PYTEST_PID"])
 
 
 @pytest.mark.subprocess
-def test_runs_in_the_module_worker(parent_pid, tmp_path):
-    assert os.getpid() != parent_pid
+def test_runs_in_the_module_worker(pytest_pid, tmp_path):
+    assert os.getpid() != pytest_pid
     (tmp_path / "note.txt").write_text("written by the worker")
     assert (tmp_path / "note.txt").read_text() == "written by the worker"
 
@@ -33,8 +34,8 @@ def test_the_pytest_process_never_saw_it():
 
 
 @pytest.mark.subprocess(scope="function")
-def test_gets_a_process_of_its_own(parent_pid):
-    assert os.getpid() != parent_pid
+def test_gets_a_process_of_its_own(pytest_pid):
+    assert os.getpid() != pytest_pid
 
 
 @pytest.mark.subprocess(timeout=1)

@@ -105,8 +105,29 @@ def start_session(config: pytest.Config) -> pytest.Session:
         writer.hasmarkup = False
         reporter._tw = writer
     session = pytest.Session.from_config(config)
+    _set_initial_paths(session)
     config.hook.pytest_sessionstart(session=session)
     return session
+
+
+def _set_initial_paths(session: pytest.Session) -> None:
+    """Name the paths given on the command line, as pytest's collection does.
+
+    A file named there is collected whatever its name (``pytest checks.py``),
+    and so must be in the worker, which never runs pytest's collection.
+    """
+    import os
+
+    paths = set()
+    for arg in session.config.args:
+        path = Path(os.path.abspath(session.config.invocation_params.dir / arg.split("::")[0]))
+        if path.exists():  # not a --pyargs module name
+            paths.add(path)
+    session._initialpaths = frozenset(paths)
+    if hasattr(session, "_initialpaths_with_parents"):  # pytest 8
+        session._initialpaths_with_parents = frozenset(
+            {*paths, *(parent for path in paths for parent in path.parents)}
+        )
 
 
 def collect_file(session: pytest.Session, path: Path) -> tuple[list[pytest.Item], list[str]]:

@@ -567,3 +567,27 @@ def test_async_under_anyio(pytester: pytest.Pytester) -> None:
     )
     pytester.makeconftest("import os\nos.environ.setdefault('PARENT_PID', str(os.getpid()))\n")
     run(pytester, "-p", "anyio").assert_outcomes(passed=1)
+
+
+def test_a_file_named_on_the_command_line_runs_whatever_its_name(
+    pytester: pytest.Pytester,
+) -> None:
+    """pytest collects a file it is given even if its name is not test_*.py; so does the worker."""
+    pytester.makepyfile(
+        checks="""
+        import os
+        import pytest
+
+        @pytest.mark.subprocess
+        def test_in_worker():
+            pass
+
+        @pytest.mark.subprocess
+        def test_crashes():
+            os.abort()
+        """
+    )
+    result = run(pytester, "checks.py")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["FAILED checks.py::test_crashes - WorkerCrashed: signal SIGABRT*"])
+    assert "LookupError" not in result.stdout.str()

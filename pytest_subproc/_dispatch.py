@@ -235,8 +235,12 @@ class Runtime:
     ) -> None:
         __tracebackhide__ = True
         if self._due(item, worker, "call"):
-            # Run ahead, but pytest did not call the test (a plugin's setup
-            # hook failed after ours): nothing of it is reported.
+            # Run ahead, but pytest did not call the test: nothing of it is
+            # reported. If a plugin's setup hook failed after ours, the body
+            # is let finish; if the run was interrupted meanwhile, it is not.
+            if getattr(item.session, "exitstatus", None) == pytest.ExitCode.INTERRUPTED:
+                worker.close()
+                return
             self._follow(item, worker, "call")
         if not worker.serving:
             return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from _inner import run_inner
 
@@ -132,3 +134,36 @@ def test_the_worker_s_item_has_the_location_pytest_reports(pytester: pytest.Pyte
         }
     )
     run_inner(pytester).assert_outcomes(passed=1)
+
+
+INTERRUPTS_BEFORE_THE_CALL = """
+import pytest
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    # As a Ctrl-C that comes after the setup, before pytest asks for the call.
+    if not item.config.getoption("subprocess_in_worker", False):
+        raise KeyboardInterrupt
+"""
+
+
+def test_an_interrupt_before_the_call_does_not_wait_for_the_body(
+    pytester: pytest.Pytester,
+) -> None:
+    """The worker runs the body ahead; pytest, interrupted, ends without waiting for it."""
+    pytester.makeconftest(INTERRUPTS_BEFORE_THE_CALL)
+    pytester.makepyfile(
+        test_sleeps="""
+        import time
+        import pytest
+
+        @pytest.mark.subprocess
+        def test_sleeps():
+            time.sleep(300)
+        """
+    )
+    started = time.monotonic()
+    result = run_inner(pytester)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    assert time.monotonic() - started < 30
+    result.stdout.fnmatch_lines(["*KeyboardInterrupt*"])

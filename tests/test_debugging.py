@@ -8,10 +8,7 @@ process holds unreaped.
 
 from __future__ import annotations
 
-import os
-import pty
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -21,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from _inner import IN_TERMINAL, PLUGIN, assert_gone, read_pids, run_inner
+from _inner import PLUGIN, Terminal, assert_gone, read_pids, run_inner
 
 pytestmark = [
     pytest.mark.usefixtures("no_plugin_autoload"),
@@ -35,65 +32,13 @@ INNER = (*PLUGIN, "-p", "no:cacheprovider", "--color=no")
 TIMEOUT = ("-p", "pytest_timeout")
 
 
-class Terminal:
-    """The master side of a pty that an inner pytest has as its terminal."""
-
-    def __init__(self, pytester: pytest.Pytester, *args: str) -> None:
-        # The slave end stays open here too, so reads never fail before pytest opens it.
-        self.master, self.slave = pty.openpty()
-        cmd = [sys.executable, "-c", IN_TERMINAL, os.ttyname(self.slave), *INNER, *args]
-        self.proc = pytester.popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        self.text = ""
-        self.seen = 0  # where the next expect() looks from
-
-    def _read(self, until: float) -> bool:
-        """Read what the terminal shows within ``until``; False once pytest has exited."""
-        if select.select([self.master], [], [], max(0.0, min(0.1, until - time.monotonic())))[0]:
-            self.text += os.read(self.master, 1 << 16).decode(errors="replace")
-            return True
-        return self.proc.poll() is None
-
-    def expect(self, text: str, timeout: float = 30.0) -> str:
-        """Wait until the terminal shows ``text`` after what was expected last; the text since."""
-        deadline = time.monotonic() + timeout
-        while (found := self.text.find(text, self.seen)) < 0:
-            if time.monotonic() > deadline or not self._read(deadline):
-                pytest.fail(f"the terminal did not show {text!r}; it showed:\n{self.text}")
-        since, self.seen = self.text[self.seen : found + len(text)], found + len(text)
-        return since
-
-    def send(self, line: str) -> None:
-        os.write(self.master, line.encode() + b"\n")
-
-    def finish(self, timeout: float = 60.0) -> tuple[int, str]:
-        """Wait for pytest to exit; its exit code and all the terminal showed."""
-        deadline = time.monotonic() + timeout
-        while self._read(deadline):
-            if time.monotonic() > deadline:
-                pytest.fail(f"pytest did not finish; the terminal showed:\n{self.text}")
-        while self._read(time.monotonic()) and self.proc.poll() is None:
-            pass
-        while select.select([self.master], [], [], 0)[0]:  # what is left to read
-            self.text += os.read(self.master, 1 << 16).decode(errors="replace")
-        return self.proc.wait(timeout=5), self.text
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()  # our own child, not yet reaped: the pid is still its
-        self.proc.wait()
-        os.close(self.master)
-        os.close(self.slave)
-
-
 @pytest.fixture
 def terminal(pytester: pytest.Pytester) -> Iterator[Callable[..., Terminal]]:
     """Start pytest at a terminal of its own with these arguments; killed at teardown if alive."""
     started: list[Terminal] = []
 
     def start(*args: str) -> Terminal:
-        started.append(Terminal(pytester, *args))
+        started.append(Terminal(pytester, *INNER, *args))
         return started[-1]
 
     yield start

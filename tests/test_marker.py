@@ -13,8 +13,6 @@ the other installed plugins only slow the runs down.
 from __future__ import annotations
 
 import os
-import pty
-import select
 import signal
 import subprocess
 import sys
@@ -24,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _inner import IN_TERMINAL, PARENT_CONFTEST, PLUGIN, assert_gone, read_pids, running
+from _inner import PARENT_CONFTEST, PLUGIN, Terminal, assert_gone, read_pids, running
 from _inner import run_inner as run
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
@@ -703,35 +701,6 @@ needs_pty = pytest.mark.skipif(
 )
 
 
-class Terminal:
-    """The master side of a pty that an inner pytest has as its terminal."""
-
-    def __init__(self, pytester: pytest.Pytester, *args: str) -> None:
-        # The slave end stays open here too, or the terminal could end before
-        # pytest opens it.
-        self.master, self.slave = pty.openpty()
-        cmd = [sys.executable, "-c", IN_TERMINAL, os.ttyname(self.slave), *PLUGIN, *args]
-        self.proc = pytester.popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        self.text = ""
-
-    def read_until(self, text: str = "", timeout: float = 60.0) -> str:
-        """What the terminal showed once it shows ``text``, or (no text) once pytest is done."""
-        deadline = time.monotonic() + timeout
-        while not (text and text in self.text) and time.monotonic() < deadline:
-            if select.select([self.master], [], [], 0.1)[0]:
-                self.text += os.read(self.master, 1 << 16).decode(errors="replace")
-            elif self.proc.poll() is not None:
-                break
-        return self.text
-
-    def close(self) -> None:
-        _stop(self.proc)
-        os.close(self.master)
-        os.close(self.slave)
-
-
 @needs_pty
 def test_a_worker_writes_to_a_terminal_that_stops_background_writers(
     pytester: pytest.Pytester,
@@ -746,10 +715,10 @@ def test_a_worker_writes_to_a_terminal_that_stops_background_writers(
             print("WORKER-SPEAKS", flush=True)
         """
     )
-    terminal = Terminal(pytester, "-p", "no:cacheprovider", "-s")
+    terminal = Terminal(pytester, *PLUGIN, "-p", "no:cacheprovider", "-s")
     try:
-        text = terminal.read_until()
-        assert terminal.proc.wait(30) == 0, text
+        code, text = terminal.finish()
+        assert code == 0, text
     finally:
         terminal.close()
     assert "WORKER-SPEAKS" in text
@@ -773,10 +742,10 @@ def test_only_a_worker_writing_to_the_terminal_ignores_sigttou(
             assert ignored is {ignored}
         """
     )
-    terminal = Terminal(pytester, "-p", "no:cacheprovider", capture)
+    terminal = Terminal(pytester, *PLUGIN, "-p", "no:cacheprovider", capture)
     try:
-        text = terminal.read_until()
-        assert terminal.proc.wait(30) == 0, text
+        code, text = terminal.finish()
+        assert code == 0, text
     finally:
         terminal.close()
     assert "1 passed" in text
@@ -787,13 +756,13 @@ def test_ctrl_c_at_the_terminal_interrupts_the_run(pytester: pytest.Pytester, pi
     """The terminal signals pytest's process group; the workers, in groups of their own, are
     killed by pytest."""
     pytester.makepyfile(test_sleeper=SLEEPER)
-    terminal = Terminal(pytester, "-p", "no:cacheprovider", "-s", "test_sleeper.py")
+    terminal = Terminal(pytester, *PLUGIN, "-p", "no:cacheprovider", "-s", "test_sleeper.py")
     try:
-        assert "SLEEPER-STREAMED" in terminal.read_until("SLEEPER-STREAMED")
+        terminal.expect("SLEEPER-STREAMED")
         worker = int(wait_for(pidlog).split()[1])
         os.write(terminal.master, b"\x03")  # Ctrl-C
-        text = terminal.read_until()
-        assert terminal.proc.wait(30) == pytest.ExitCode.INTERRUPTED, text
+        code, text = terminal.finish()
+        assert code == pytest.ExitCode.INTERRUPTED, text
     finally:
         terminal.close()
     assert "KeyboardInterrupt" in text

@@ -309,6 +309,10 @@ class Template:
         self._pending.clear()
         proc, self._proc = self._proc, None
         if proc is not None:
+            if self._pidfd >= 0:  # woken by the exit itself, not by polling
+                poller = select.poll()
+                poller.register(self._pidfd, select.POLLIN)
+                poller.poll(CLOSE_GRACE * 1000)
             try:
                 proc.wait(CLOSE_GRACE)
             except subprocess.TimeoutExpired:

@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from pytest_subproc import _child, _worker_coverage
 
@@ -377,10 +377,7 @@ def _become_worker(keeper: Keeper, message: dict[str, Any], fds: list[int]) -> N
         with contextlib.suppress(BaseException):
             traceback.print_exc()  # into the worker's stderr, which the parent reads
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(BaseException):
-                stream.flush()
-        os._exit(code)  # never back into the template's loop
+        _flush_and_exit(code)  # never back into the template's loop
 
 
 def main(argv: list[str]) -> None:
@@ -400,6 +397,20 @@ def main(argv: list[str]) -> None:
         if coverage is not None:  # before any warm import, conftest or test file
             _worker_coverage.start(coverage)
         Keeper(ctrl).serve()
+    if _worker_coverage.COVERAGE is None:
+        # Nothing is left to do, and pytest waits for this exit: tearing down
+        # an interpreter that configured pytest takes tens of milliseconds,
+        # and running atexit handlers that plugins registered here would run
+        # them twice in the run (pytest's process runs its own). Coverage,
+        # when measuring, saves its data at exit: that path stays.
+        _flush_and_exit(0)
+
+
+def _flush_and_exit(code: int) -> NoReturn:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BaseException):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -278,3 +278,28 @@ def test_a_usage_error_after_the_template_started_early_leaves_nothing(
     result.stderr.fnmatch_lines(["ERROR: subprocess_preload: cannot import 'no_such_module'*"])
     assert "ResourceWarning" not in result.stderr.str()
     assert "Traceback" not in result.stderr.str()
+
+
+@pytest.mark.usefixtures("no_plugin_autoload")
+def test_exit_handlers_registered_as_pytest_configures_run_once(pytester: pytest.Pytester) -> None:
+    """The template configures pytest too, and exits without running what that registered."""
+    pytester.makeconftest(
+        """
+        import atexit, os
+
+        def pytest_configure(config):
+            atexit.register(lambda: open("exits.txt", "a").write(f"{os.getpid()}\\n"))
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.subprocess
+        def test_in_worker():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess(*PLUGIN, "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert len((pytester.path / "exits.txt").read_text().split()) == 1

@@ -32,6 +32,8 @@ _SET_UP_BY = pytest.StashKey[tuple[Worker, int]]()
 NEXT = pytest.StashKey[Optional[pytest.Item]]()
 # The chain the worker keeps set up when it runs a teardown ahead.
 _AHEAD = pytest.StashKey[Optional[tuple[str, ...]]]()
+# A setup request sent, its reply due: the worker, its start count, the phases it runs on to.
+_SENT = pytest.StashKey[tuple[Worker, int, tuple[str, ...]]]()
 # The phases whose results the worker, running ahead, is yet to send, in order.
 _DUE = pytest.StashKey[list[str]]()
 # How many workers to fork ahead: a module lasts long enough for one to be
@@ -156,6 +158,61 @@ class Runtime:
 
     # The three phases, in place of the item's own methods.
 
+    def send_early(self, item: pytest.Item) -> None:
+        """Send a marked test's setup request as pytest starts the test's protocol.
+
+        The worker sets the test up while pytest logs its start and runs the
+        setup hooks before the test's own; ``setup`` takes the reply. Not
+        when output goes to the terminal (the worker's would come before
+        pytest names the test), nor one phase at a time, nor for a test a
+        marker may skip before its setup (the worker, whose item may lack a
+        marker added here, would run the test).
+        """
+        settings = item.stash.get(SETTINGS, None)
+        if settings is None or not settings.isolated or not self.capture:
+            return
+        if self._step_by_step(item) or _may_skip(item):
+            return
+        # Only to a worker serving with the file collected: starting one, or
+        # collecting there, stays inside the setup, where pytest captures
+        # what it prints and warns.
+        worker = self.owned.get(scope_node(item, settings.scope))
+        if worker is None or not worker.serving or not self._collected(worker, _file_of(item)):
+            return
+        item.stash[_SENT] = (worker, worker.starts, self._send(item, worker))
+
+    def _send(self, item: pytest.Item, worker: Worker) -> tuple[str, ...]:
+        """Send the request that sets ``item`` up and, unless stepping, runs it on."""
+        then = () if self._step_by_step(item) else ("call", "teardown")
+        after = item.stash[_AHEAD] = self._after(item, item.stash[SETTINGS].scope)
+        args = (self.config_spec(), _file_of(item), item.nodeid, then, after, item.location)
+        call: tuple[Any, ...] = (_worker_items.run_test, args, {})
+        worker.submit(Kind.CALL, call, timeout=item.stash[SETTINGS].timeout)
+        return then
+
+    def _taken(self, item: pytest.Item) -> Optional[tuple[Worker, int, tuple[str, ...]]]:
+        """The setup request sent for ``item`` whose reply is due, now taken off the item."""
+        sent = item.stash.get(_SENT, None)
+        if sent is not None:
+            del item.stash[_SENT]
+            worker, starts, _ = sent
+            if worker.starts != starts:
+                return None  # the process it went to is gone, and the request with it
+        return sent
+
+    def abandon(self, item: pytest.Item, *, interrupted: bool) -> None:
+        """End a setup request sent early that pytest never asked for.
+
+        A hook before ours failed or skipped the test: what the worker sends
+        is taken and dropped. If the run is being interrupted, the worker is
+        ended instead.
+        """
+        sent = self._taken(item)
+        if sent is not None and interrupted:
+            sent[0].close()
+        elif sent is not None:
+            sent[0].drain()
+
     def setup(self, item: pytest.Item) -> None:
         """Have the item's worker set it up, then run on through its call and teardown.
 
@@ -165,16 +222,19 @@ class Runtime:
         """
         __tracebackhide__ = True
         scope = item.stash[SETTINGS].scope
+        sent = self._taken(item)
         try:
             worker = self.worker_for(item, scope)
-            self._ready(worker, _file_of(item))
+            if sent is None:
+                self._ready(worker, _file_of(item))
         except (WorkerStartError, OSError) as exc:
             raise self.start_failed(item, exc) from None
-        then = () if self._step_by_step(item) else ("call", "teardown")
-        after = item.stash[_AHEAD] = self._after(item, scope)
         try:
-            args = (then, after, item.location)
-            reply = self._ask(item, worker, "setup", _worker_items.run_test, *args)
+            then = self._send(item, worker) if sent is None else sent[2]
+            try:
+                reply = self._wait(item, worker, "setup", worker.reply)
+            finally:
+                self.note_idle_deaths(worker, item.nodeid)
             item.stash[_DUE] = list(then) if worker.more else []
             self._report(item, reply)
         finally:
@@ -193,14 +253,19 @@ class Runtime:
         now. What fails here fails again, and is reported, in the setup.
         """
         worker.start()
-        starts, files = self.readied.get(worker, (-1, set()))
-        if starts != worker.starts:
-            starts, files = worker.starts, set()
-            self.readied[worker] = (starts, files)
-        if path not in files and path not in worker.preloaded:  # forked with it collected
+        if not self._collected(worker, path):
+            starts, files = self.readied.get(worker, (-1, set()))
+            if starts != worker.starts:
+                files = set()
+                self.readied[worker] = (worker.starts, files)
             files.add(path)
             call: tuple[Any, ...] = (_worker_items.preload, (self.config_spec(), path), {})
             relay_output(worker.request(Kind.CALL, call))
+
+    def _collected(self, worker: Worker, path: str) -> bool:
+        """Whether the worker's process has collected the file (or was forked with it)."""
+        starts, files = self.readied.get(worker, (-1, set()))
+        return path in worker.preloaded or (starts == worker.starts and path in files)
 
     def call(self, item: pytest.Item) -> None:
         """Take the item's call from its worker, or have it run the call now."""
@@ -534,6 +599,15 @@ class Runtime:
                 if template is not None:
                     closing.callback(template.close)
             self.template = self.early = None
+
+
+def _may_skip(item: pytest.Item) -> bool:
+    """Whether a marker may have pytest skip the test before its own setup runs."""
+    return any(
+        mark.name in ("skip", "skipif")
+        or (mark.name == "xfail" and not mark.kwargs.get("run", True))  # not run: skipped
+        for mark in item.iter_markers()
+    )
 
 
 def early_template(early_config: pytest.Config) -> Optional[Template]:

@@ -206,6 +206,11 @@ class Reply:
         return self.value
 
 
+# A request submitted and its reply not yet taken: its kind, its encoding, its
+# timeout, and what waits for its reply (None: the worker died before reading).
+_Due = tuple[Kind, Callable[[], list[_wire.Buffer]], Optional[float], Callable[[], Optional[Reply]]]
+
+
 class Pauser(Protocol):
     """What pytest's side does when a debugger starts in the worker, and after the request."""
 
@@ -273,6 +278,9 @@ class Worker:
         # Whether the last reply was a part, more to follow, and its request's timeout.
         self._more = False
         self._timeout: Optional[float] = None
+        # The request submitted last, until its reply is taken: what it needs
+        # to be sent again, and what waits for its reply.
+        self._due: Optional[_Due] = None
         self._req = self._rep = self._life = -1
         # Told when a debugger starts in the worker; None: the worker gets no terminal.
         self.pauser: Optional[Pauser] = None
@@ -452,14 +460,39 @@ class Worker:
         pytest's process state; it is made again for a new worker, which has
         been told nothing yet.
         """
+        self.submit(kind, args, timeout=timeout, context=context)
+        return self.reply()
+
+    def submit(
+        self,
+        kind: Kind,
+        args: tuple[Any, ...],
+        *,
+        timeout: Optional[float] = None,
+        context: Union[Callable[[], Optional[dict[str, Any]]], dict[str, Any], None] = None,
+    ) -> None:
+        """Send one request as ``request`` does, and leave its reply due: ``reply()`` takes it.
+
+        pytest's process goes on with its own work while the worker runs the
+        request; the timeout counts from when ``reply()`` starts to wait.
+        """
 
         def parts() -> list[_wire.Buffer]:
             return _codec.dumps((timeout, context() if callable(context) else context, args))
 
-        reply = self._attempt(kind, parts, timeout)
+        self.drain()  # what the last request still had to say would answer this one
+        self._due = (kind, parts, timeout, self._send(kind, parts, timeout))
+
+    def reply(self) -> Reply:
+        """Wait for the reply to the request submitted last (see ``request``)."""
+        if self._due is None:
+            raise RuntimeError("no request of this worker awaits its reply")
+        kind, parts, timeout, answer = self._due
+        self._due = None
+        reply = answer()
         if reply is None:
             self.idle_deaths.append(self._death())
-            reply = self._attempt(kind, parts, timeout)
+            reply = self._send(kind, parts, timeout)()
         if reply is None:
             reply = self._reply(error=self._died(timeout, 0.0))
         return reply
@@ -479,31 +512,42 @@ class Worker:
         return reply
 
     def drain(self) -> None:
-        """Take whatever is still due of a reply in parts, leaving it unread."""
+        """Take whatever is still due of the last request's reply, leaving it unread.
+
+        A worker that died before it read that request is not given it again.
+        """
+        if self._due is not None:
+            answer, self._due = self._due[3], None
+            answer()
         while self.more:
             self.follow()
 
-    def _attempt(
+    def _send(
         self, kind: Kind, parts: Callable[[], list[_wire.Buffer]], timeout: Optional[float]
-    ) -> Optional[Reply]:
-        """Send the request once; None if the worker was dead before it read it."""
-        self.drain()  # what the last request still had to say would answer this one
+    ) -> Callable[[], Optional[Reply]]:
+        """Send the request once; return what waits for its reply.
+
+        That returns None if the worker was dead before it read the request.
+        """
         self.start()
         for f in self._files.values():
             f.clear()
         data = parts()
         deadline = None if timeout is None else _monotonic() + timeout + BACKSTOP
         self._sent += 1
+        failed: Optional[Reply]
         try:
             _wire.send_parts(self._req, kind, data, deadline)
         except _wire.WireTimeout:
-            return self._reply(error=self._timed_out(timeout, killed=True))
+            failed = self._reply(error=self._timed_out(timeout, killed=True))
         except _wire.WireClosed:
-            return self._closed(timeout, _monotonic(), sent=True)
+            failed = self._closed(timeout, _monotonic(), sent=True)
         except BaseException:
             self._kill()  # interrupted halfway through a request: out of step for good
             raise
-        return self._answer(timeout, sent=True)
+        else:
+            return lambda: self._answer(timeout, sent=True)
+        return lambda: failed
 
     def _answer(self, timeout: Optional[float], *, sent: bool) -> Optional[Reply]:
         """Wait for the reply (or its next part); None if a request just ``sent`` went unread."""
@@ -666,7 +710,7 @@ class Worker:
         self._close_pipes()
 
     def _close_pipes(self) -> None:
-        self._more = False  # nothing more can come
+        self._more, self._due = False, None  # nothing more can come
         for name in ("_req", "_rep", "_life"):
             fd = getattr(self, name)
             if fd >= 0:

@@ -145,9 +145,18 @@ def pytest_runtest_protocol(
 ) -> Generator[None, object, object]:
     # Known before the setup: the worker runs the teardown ahead, keeping
     # what the next test it runs needs set up.
-    if _is_isolated(item):
-        item.stash[_dispatch.NEXT] = nextitem
-    return (yield)
+    runtime = _runtime(item.config)
+    if runtime is None or not _is_isolated(item):
+        return (yield)
+    item.stash[_dispatch.NEXT] = nextitem
+    runtime.send_early(item)
+    try:
+        result = yield
+    except BaseException:
+        runtime.abandon(item, interrupted=True)
+        raise
+    runtime.abandon(item, interrupted=False)
+    return result
 
 
 @pytest.hookimpl(wrapper=True)

@@ -167,3 +167,158 @@ def test_an_interrupt_before_the_call_does_not_wait_for_the_body(
     assert result.ret == pytest.ExitCode.INTERRUPTED
     assert time.monotonic() - started < 30
     result.stdout.fnmatch_lines(["*KeyboardInterrupt*"])
+
+
+# The worker is sent a test's setup as pytest starts the test's protocol, when
+# it already serves that test's file: the tests below run second in a module.
+
+SKIPPED_HERE = """
+import pytest
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # Only in pytest's process, before the test's own setup.
+    in_worker = item.config.getoption("subprocess_in_worker", False)
+    if item.name == "test_skipped_here" and not in_worker:
+        pytest.skip("not here")
+"""
+
+TWO_AROUND_ONE = """
+import pytest
+
+pytestmark = pytest.mark.subprocess
+
+@pytest.fixture
+def named(request):
+    print(f"setup of {request.node.name}")
+
+def test_first(named):
+    pass
+
+def test_skipped_here(named):
+    print("body of the skipped test")
+
+def test_last(named):
+    print("body of the last test")
+"""
+
+
+def test_a_test_skipped_before_its_setup_leaves_the_worker_in_step(
+    pytester: pytest.Pytester,
+) -> None:
+    """A hook skips a test before its setup, the worker set up already: the next reads its own."""
+    pytester.makeconftest(SKIPPED_HERE)
+    pytester.makepyfile(test_around=TWO_AROUND_ONE)
+    result = run_inner(pytester, "-rA")
+    result.assert_outcomes(passed=2, skipped=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_last _*",
+            "*Captured stdout setup*",
+            "setup of test_last",
+            "*Captured stdout call*",
+            "body of the last test",
+        ],
+        consecutive=True,
+    )
+    assert "skipped test" not in result.stdout.str()
+
+
+def test_a_test_skipped_by_a_marker_added_in_pytest_s_process_never_runs(
+    pytester: pytest.Pytester,
+) -> None:
+    """Markers pytest's process added after collection keep the worker from starting the test."""
+    pytester.makeconftest(
+        """
+        import pytest
+
+        def pytest_collection_modifyitems(items):
+            for item in items:
+                if item.name == "test_slow":
+                    item.add_marker(pytest.mark.skip(reason="slow"))
+        """
+    )
+    pytester.makepyfile(
+        test_marked="""
+        import pytest
+
+        pytestmark = pytest.mark.subprocess
+
+        def test_first():
+            pass
+
+        def test_slow():
+            open("ran.txt", "w").close()
+
+        def test_last():
+            pass
+        """
+    )
+    run_inner(pytester).assert_outcomes(passed=2, skipped=1)
+    assert not (pytester.path / "ran.txt").exists()
+
+
+def test_an_interrupt_before_the_setup_does_not_wait_for_the_body(
+    pytester: pytest.Pytester,
+) -> None:
+    """Sent the setup early, the worker runs on; pytest, interrupted first, does not wait."""
+    pytester.makeconftest(
+        """
+        def pytest_runtest_logstart(nodeid):
+            # As a Ctrl-C while pytest starts the second test, its setup sent.
+            if nodeid.endswith("test_sleeps"):
+                raise KeyboardInterrupt
+        """
+    )
+    pytester.makepyfile(
+        test_sleeps="""
+        import time
+        import pytest
+
+        pytestmark = pytest.mark.subprocess
+
+        def test_first():
+            pass
+
+        def test_sleeps():
+            time.sleep(300)
+        """
+    )
+    started = time.monotonic()
+    result = run_inner(pytester)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    assert time.monotonic() - started < 30
+    result.stdout.fnmatch_lines(["*KeyboardInterrupt*"])
+
+
+def test_output_to_the_terminal_follows_the_test_s_name(pytester: pytest.Pytester) -> None:
+    """Under -s the worker's output goes straight out: it is not set up before pytest names it."""
+    pytester.makeconftest(
+        """
+        import time
+
+        def pytest_runtest_logstart(nodeid):
+            if nodeid.endswith("test_second"):
+                time.sleep(0.5)  # before pytest names the test: a worker set it up meanwhile
+        """
+    )
+    pytester.makepyfile(
+        test_order="""
+        import pytest
+
+        pytestmark = pytest.mark.subprocess
+
+        @pytest.fixture
+        def loud():
+            print("SETUP-OUTPUT")
+
+        def test_first():
+            pass
+
+        def test_second(loud):
+            pass
+        """
+    )
+    result = run_inner(pytester, "-s", "-v")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*::test_second SETUP-OUTPUT"])

@@ -41,6 +41,10 @@ _DUE = pytest.StashKey[list[str]]()
 _SPARES = {"module": 1, "function": 2}
 
 Node = Union[pytest.Item, pytest.Collector]
+# The node ids of an item's chain, from the session down.
+_CHAIN = pytest.StashKey[tuple[str, ...]]()
+# The test file a node belongs to (its module-scope worker's node).
+_FILE = pytest.StashKey[Node]()
 
 
 class SubprocessWarning(pytest.PytestWarning):
@@ -52,7 +56,11 @@ def scope_node(item: Node, scope: str) -> Node:
     if scope == "session":
         return item.session
     if scope == "module":
-        return item.getparent(pytest.File) or item
+        # Asked several times a test: the walk up the tree is done once.
+        file = item.stash.get(_FILE, None)
+        if file is None:
+            file = item.stash[_FILE] = item.getparent(pytest.File) or item
+        return file
     return item
 
 
@@ -406,7 +414,12 @@ class Runtime:
     def _after(self, item: pytest.Item, scope: str) -> Optional[tuple[str, ...]]:
         """The chain of the next test that runs in this item's worker, if its scope lasts."""
         after = self._next_here(item, scope)
-        return None if after is None else tuple(n.nodeid for n in after.listchain())
+        if after is None:
+            return None
+        chain = after.stash.get(_CHAIN, None)
+        if chain is None:  # asked at a test's setup and again at its teardown
+            chain = after.stash[_CHAIN] = tuple(n.nodeid for n in after.listchain())
+        return chain
 
     def _next_here(self, item: pytest.Item, scope: str) -> Optional[pytest.Item]:
         """The next test that runs in this item's worker, or None if its scope ends first."""

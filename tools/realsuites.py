@@ -55,6 +55,7 @@ SUITES = {
         Suite("click", "8.5.1", "tests", "src"),
         Suite("attrs", "26.1.0", "tests", "src", ("hypothesis", "pympler", "cloudpickle")),
         Suite("jinja2", "3.1.6", "tests", "src", ("markupsafe", "trio")),
+        Suite("packaging", "26.4", "tests", "src"),
         Suite("iniconfig", "2.3.1", "testing", "src"),
         Suite("six", "1.17.0", "test_six.py"),
         Suite("toolz", "1.2.0", "toolz/tests"),

@@ -482,6 +482,44 @@ def test_idle_death_is_replaced_silently(worker: Worker) -> None:
     assert is_gone(pid)
 
 
+def test_a_submitted_request_runs_while_its_reply_waits(worker: Worker, tmp_path: Path) -> None:
+    """submit() sends and returns at once; reply() takes the reply, with its output."""
+    flag = tmp_path / "ran"
+    source = (
+        f"import pathlib, time\ntime.sleep(0.5)\npathlib.Path({str(flag)!r}).touch()\nprint('out')"
+    )
+    worker.submit(Kind.RUN, (source, "<submitted>"))
+    assert not flag.exists()  # pytest's side went on while the worker ran it
+    reply = worker.reply()
+    assert reply.error is None
+    assert reply.stdout == "out\n"
+    assert flag.exists()
+    with pytest.raises(RuntimeError, match="no request"):
+        worker.reply()
+
+
+def test_a_reply_left_due_is_drained_not_mistaken(worker: Worker) -> None:
+    """The next request (or drain) takes a submitted request's reply, dropped, out of its way."""
+    worker.submit(Kind.RUN, ("x = 1", "<first>"))
+    assert load(worker, "x") == 1  # its own reply, not the one left due
+    worker.submit(Kind.RUN, ("x = 2", "<second>"))
+    worker.drain()
+    assert load(worker, "x") == 2
+
+
+def test_a_submitted_request_goes_to_a_fresh_worker_if_the_last_died(worker: Worker) -> None:
+    """As with request(): a worker dead before it read the request is replaced, and it reruns."""
+    worker.start()
+    pid = worker.pid
+    assert pid is not None
+    sigkill(pid)
+    assert wait_for(lambda: not worker.alive)
+    worker.submit(Kind.RUN, ("y = 3", "<after-death>"))
+    assert worker.reply().error is None
+    assert worker.pid != pid
+    assert load(worker, "y") == 3
+
+
 @posix_only
 def test_the_worker_is_not_ours_to_reap(worker: Worker) -> None:
     """seed defect 8: whoever reaped first took the status; only the template reaps now."""

@@ -452,14 +452,20 @@ def test_forked_child_does_not_hide_death(worker: Worker, tmp_path: Path) -> Non
 # --- who reaps the worker (seed defect 8) -----------------------------------------------
 
 
-@posix_only
-def test_exit_status_survives_until_read(worker: Worker) -> None:
-    """seed defect 8: checking liveness must not lose the status of a worker that died idle."""
+def killed_while_idle(worker: Worker) -> int:
+    """Start the worker, SIGKILL it between requests, and return its pid once it is dead."""
     worker.start()
     pid = worker.pid
     assert pid is not None
     sigkill(pid)
     assert wait_for(lambda: not worker.alive)
+    return pid
+
+
+@posix_only
+def test_exit_status_survives_until_read(worker: Worker) -> None:
+    """seed defect 8: checking liveness must not lose the status of a worker that died idle."""
+    pid = killed_while_idle(worker)
     assert not worker.alive  # asked twice: still there to be asked about
     ok(run(worker, "x = 1"))
     assert worker.idle_deaths == [f"worker died between tests: signal SIGKILL (pid {pid})"]
@@ -468,11 +474,7 @@ def test_exit_status_survives_until_read(worker: Worker) -> None:
 @posix_only
 def test_idle_death_is_replaced_silently(worker: Worker) -> None:
     """A worker killed between requests is replaced; no crash is reported for it."""
-    worker.start()
-    pid = worker.pid
-    assert pid is not None
-    sigkill(pid)
-    assert wait_for(lambda: not worker.alive)
+    pid = killed_while_idle(worker)
     assert worker.pid == pid  # the pid of the dead worker until the next start
     reply = run(worker, "y = 2")
     assert reply.error is None
@@ -507,13 +509,10 @@ def test_a_reply_left_due_is_drained_not_mistaken(worker: Worker) -> None:
     assert load(worker, "x") == 2
 
 
+@posix_only
 def test_a_submitted_request_goes_to_a_fresh_worker_if_the_last_died(worker: Worker) -> None:
     """As with request(): a worker dead before it read the request is replaced, and it reruns."""
-    worker.start()
-    pid = worker.pid
-    assert pid is not None
-    sigkill(pid)
-    assert wait_for(lambda: not worker.alive)
+    pid = killed_while_idle(worker)
     worker.submit(Kind.RUN, ("y = 3", "<after-death>"))
     assert worker.reply().error is None
     assert worker.pid != pid

@@ -193,8 +193,7 @@ class Runtime:
         """Send the request that sets ``item`` up and, unless stepping, runs it on."""
         then = () if self._step_by_step(item) else ("call", "teardown")
         after = item.stash[_AHEAD] = self._after(item, item.stash[SETTINGS].scope)
-        args = (self.config_spec(), _file_of(item), item.nodeid, then, after, item.location)
-        call: tuple[Any, ...] = (_worker_items.run_test, args, {})
+        call = self._call(item, _worker_items.run_test, then, after, item.location)
         worker.submit(Kind.CALL, call, timeout=item.stash[SETTINGS].timeout)
         return then
 
@@ -239,10 +238,7 @@ class Runtime:
             raise self.start_failed(item, exc) from None
         try:
             then = self._send(item, worker) if sent is None else sent[2]
-            try:
-                reply = self._wait(item, worker, "setup", worker.reply)
-            finally:
-                self.note_idle_deaths(worker, item.nodeid)
+            reply = self._replied(item, worker, "setup", worker.reply)
             item.stash[_DUE] = list(then) if worker.more else []
             self._report(item, reply)
         finally:
@@ -341,10 +337,19 @@ class Runtime:
 
     def _ask(self, item: pytest.Item, worker: Worker, when: str, fn: Any, *args: Any) -> Reply:
         """Send a request for a phase of ``item``: ``fn(spec, path, nodeid, *args)`` there."""
-        timeout = item.stash[SETTINGS].timeout
-        call: tuple[Any, ...] = (fn, (self.config_spec(), _file_of(item), item.nodeid, *args), {})
+        call, timeout = self._call(item, fn, *args), item.stash[SETTINGS].timeout
+        return self._replied(item, worker, when, worker.request, Kind.CALL, call, timeout=timeout)
+
+    def _call(self, item: pytest.Item, fn: Any, *args: Any) -> tuple[Any, ...]:
+        """The CALL that has the worker run ``fn(spec, path, nodeid, *args)`` for ``item``."""
+        return (fn, (self.config_spec(), _file_of(item), item.nodeid, *args), {})
+
+    def _replied(
+        self, item: pytest.Item, worker: Worker, when: str, get: Any, *args: Any, **kwargs: Any
+    ) -> Reply:
+        """``_wait`` for a request's reply, then list the deaths between tests it found."""
         try:
-            return self._wait(item, worker, when, worker.request, Kind.CALL, call, timeout=timeout)
+            return self._wait(item, worker, when, get, *args, **kwargs)
         finally:
             self.note_idle_deaths(worker, item.nodeid)
 

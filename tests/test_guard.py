@@ -115,6 +115,14 @@ def spawned(*argv: str) -> Iterator[Pinned]:
         child.end()
 
 
+def execed(process: Pinned, name: str, timeout: float = 10) -> None:
+    """Wait until ``process`` runs the program ``name``."""
+    deadline = time.monotonic() + timeout
+    while process.proc.cmdline()[:1] != [name]:
+        assert time.monotonic() < deadline, f"pid {process.pid} never became {name}"
+        time.sleep(0.005)
+
+
 @contextlib.contextmanager
 def orphaned_sleep(env: dict[str, str]) -> Iterator[Pinned]:
     """A ``sleep`` whose parent, a shell of ours, has exited; ended afterwards."""
@@ -137,6 +145,9 @@ def orphaned_sleep(env: dict[str, str]) -> Iterator[Pinned]:
         sleeper.close()
         pytest.fail(f"could not hold the sleep the shell started (pid {sleeper.pid})")
     try:
+        # `$!` is known once the shell has forked, maybe before its child
+        # has become `sleep`: until then the guard would name it `sh -c ...`.
+        execed(sleeper, "sleep")
         assert shell.returncode is not None
         assert os.getpid() not in [p.pid for p in sleeper.proc.parents()]
         yield sleeper

@@ -17,7 +17,8 @@ import sys
 import tempfile
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
 
@@ -67,6 +68,25 @@ class ConfigSpec:
     cachedir: Optional[str] = None
     # The parent's junitxml family, if it writes a junitxml report.
     junit_family: Optional[str] = None
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        # It goes with every request and is read once per worker: pickled
+        # once here, and unpickled there only when it is not the last one.
+        return _spec, (self._pickled,)
+
+    @cached_property
+    def _pickled(self) -> bytes:
+        return pickle.dumps(tuple(getattr(self, f.name) for f in fields(self)))
+
+
+_LAST_SPEC: tuple[bytes, ConfigSpec] = (b"", ConfigSpec((), "", ()))
+
+
+def _spec(pickled: bytes) -> ConfigSpec:
+    global _LAST_SPEC
+    if _LAST_SPEC[0] != pickled:
+        _LAST_SPEC = (pickled, ConfigSpec(*pickle.loads(pickled)))
+    return _LAST_SPEC[1]
 
 
 # A warning a phase recorded: (category module, category qualname, message, file, line).

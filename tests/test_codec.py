@@ -10,7 +10,7 @@ import pickle
 
 import pytest
 
-from pytest_subproc import _codec
+from pytest_subproc import _codec, _worker_items
 
 
 class Colour(enum.Enum):
@@ -97,3 +97,17 @@ def test_the_codec_ignores_pickle_replaced_after_import(monkeypatch: pytest.Monk
     monkeypatch.undo()
     assert (small_back, len(small_parts)) == (small, 1)
     assert (large_back, len(large_parts)) == (large, 2)
+
+
+def test_the_configuration_spec_is_rebuilt_only_when_it_changes() -> None:
+    """Sent with every request, the spec is read once per worker: later copies give that one."""
+    spec = _worker_items.ConfigSpec(("-q",), "/run", ("/run",), basetemp="/tmp/base")
+    first, _ = round_trip(spec)
+    again, _ = round_trip(
+        _worker_items.ConfigSpec(("-q",), "/run", ("/run",), basetemp="/tmp/base")
+    )
+    assert first == spec
+    assert again is first
+    other, _ = round_trip(_worker_items.ConfigSpec(("-x",), "/run", ("/run",)))
+    assert other == _worker_items.ConfigSpec(("-x",), "/run", ("/run",))
+    assert other is not first

@@ -414,6 +414,9 @@ class Runtime:
             # finalizers went with them, the worker's end among them.
             self.rearm.add(scope_node(item, scope))
             return tuple(n.nodeid for n in item.listchain()[:-1])
+        session = item.session
+        if _AHEAD in item.stash and not (session.shouldfail or session.shouldstop):
+            return item.stash[_AHEAD]  # nothing it was worked out from has changed since
         return self._after(item, scope)
 
     def _after(self, item: pytest.Item, scope: str) -> Optional[tuple[str, ...]]:

@@ -368,6 +368,9 @@ class Server:
         # Called once before the reply goes, then dropped: what a debugger
         # took for the request (the terminal) is given back.
         self.before_reply: list[Callable[[], None]] = []
+        # Called once after the reply has gone, then dropped: work for the
+        # next request done while pytest's process reports this one.
+        self.after_reply: list[Callable[[], None]] = []
 
     def serve(self) -> None:
         """Loop until the parent asks us to stop or closes the request pipe."""
@@ -386,6 +389,9 @@ class Server:
             if _worker_coverage.COVERAGE is not None:
                 _worker_coverage.flush()  # now: pytest may kill us once it has the reply
             self.reply(*answer)
+            while self.after_reply:
+                with _suppress(Exception):
+                    self.after_reply.pop()()
 
     def handle(self, kind: int, parts: list[_wire.Received]) -> tuple[int, list[_wire.Buffer]]:
         """Run one request and return the reply (kind, parts); never raises."""
@@ -569,6 +575,12 @@ def before_reply(callback: Callable[[], None]) -> None:
     """Have ``callback`` run once, before the reply of the request being served goes."""
     if _SERVER is not None:
         _SERVER.before_reply.append(callback)
+
+
+def after_reply(callback: Callable[[], None]) -> None:
+    """Have ``callback`` run once, after the reply of the request being served has gone."""
+    if _SERVER is not None:
+        _SERVER.after_reply.append(callback)
 
 
 def _close_fds(*fds: int) -> None:

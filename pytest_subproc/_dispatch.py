@@ -193,9 +193,27 @@ class Runtime:
         """Send the request that sets ``item`` up and, unless stepping, runs it on."""
         then = () if self._step_by_step(item) else ("call", "teardown")
         after = item.stash[_AHEAD] = self._after(item, item.stash[SETTINGS].scope)
-        call = self._call(item, _worker_items.run_test, then, after, item.location)
+        start = bool(then) and self._starts_next(item, after)
+        call = self._call(item, _worker_items.run_test, then, after, item.location, start)
         worker.submit(Kind.CALL, call, timeout=item.stash[SETTINGS].timeout)
         return then
+
+    def _starts_next(self, item: pytest.Item, after: Optional[tuple[str, ...]]) -> bool:
+        """Whether the worker may start the test after ``item`` as soon as ``item`` is done.
+
+        Only pytest's very next test, which then goes to the same worker, and
+        only one that no marker may skip first (its setup request would go
+        early, see ``send_early``): the worker enters its protocol while
+        pytest reports ``item``.
+        """
+        following = item.stash.get(NEXT, None)
+        return (
+            self.capture
+            and after is not None
+            and following is not None
+            and after[-1] == following.nodeid
+            and not _may_skip(following)
+        )
 
     def _taken(self, item: pytest.Item) -> Optional[tuple[Worker, int, tuple[str, ...]]]:
         """The setup request sent for ``item`` whose reply is due, now taken off the item."""

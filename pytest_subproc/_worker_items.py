@@ -11,6 +11,8 @@ pytest caches them. It never imports the parent-side modules.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pickle
 import sys
@@ -145,6 +147,16 @@ class _JunitStandIn:
         self.records.append(("suite", str(name), str(value)))
 
 
+@dataclass(frozen=True)
+class _Started:
+    """An item's protocol entered ahead of its setup: what that printed, or raised."""
+
+    nodeid: str
+    out: str
+    err: str
+    error: Any  # an ExceptionInfo, if entering raised
+
+
 class _State:
     """The worker's pytest: its config, session, and the items collected so far."""
 
@@ -160,6 +172,7 @@ class _State:
         self.items: dict[str, pytest.Item] = {}
         self.collected: dict[str, str] = {}  # file path -> what collecting it reported
         self.protocols: dict[str, _compat.Protocol] = {}  # by nodeid, from setup to teardown
+        self.started: Optional[_Started] = None  # the protocol entered ahead, see _start
 
     def item(self, path: str, nodeid: str) -> pytest.Item:
         """The worker's own item for ``nodeid``, collecting its file on first need."""
@@ -295,6 +308,7 @@ def run_test(
     then: tuple[str, ...],
     after: Optional[tuple[str, ...]],
     location: Optional[tuple[str, Optional[int], str]] = None,
+    start_next: bool = False,
 ) -> Optional[PhaseResult]:
     """Set an item up and, while each phase passes, run the phases ``then`` names.
 
@@ -302,20 +316,50 @@ def run_test(
     (``_child.reply_part``): the parent reports one phase while the next
     runs here. A phase that fails ends the request, so that the parent
     decides what comes after it, as pytest would. ``location`` is the
-    item's, as the parent worked it out already.
+    item's, as the parent worked it out already. With ``start_next``, the
+    next item (the last of ``after``) is pytest's next test: once the reply
+    has gone, its protocol is entered, as pytest would start it.
     """
     from pytest_subproc import _child
 
-    item = _state(spec).items.get(nodeid)
+    state = _state(spec)
+    item = state.items.get(nodeid)
     if location is not None and item is not None:
         _compat.seed_location(item, location)
     result = run_phase(spec, path, nodeid, "setup", None)
     for when in then:
-        if result is not None and (result.error is not None or result.text is not None):
+        if _failed(result):
             break
         _child.reply_part(result)
         result = run_phase(spec, path, nodeid, when, after if when == "teardown" else None)
+        if when == "teardown" and start_next and after and not _failed(result):
+            _child.after_reply(lambda: _start(state, after[-1]))
     return result
+
+
+def _failed(result: Optional[PhaseResult]) -> bool:
+    return result is not None and (result.error is not None or result.text is not None)
+
+
+def _start(state: _State, nodeid: str) -> None:
+    """Enter the protocol of the item this worker runs next, before its setup is asked for.
+
+    The wrappers (warning capture among them) take a good part of a small
+    test's setup here. What they print at Python level, or raise, is kept
+    for that setup, as if they had run there.
+    """
+    from _pytest._code import ExceptionInfo
+
+    item = state.items.get(nodeid)
+    if item is None or state.protocols:
+        return
+    out, err, error = io.StringIO(), io.StringIO(), None
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            state.protocols[nodeid] = _compat.Protocol(item)
+        except Exception:
+            error = ExceptionInfo.from_current()
+    state.started = _Started(nodeid, out.getvalue(), err.getvalue(), error)
 
 
 def teardown_to(
@@ -341,11 +385,26 @@ def _run(state: _State, item: pytest.Item, when: str, nextitem: Any) -> Any:
     from _pytest._code import ExceptionInfo
 
     if when == "setup":
-        _leave_protocols(state)  # of items whose teardown never came
+        started, state.started = state.started, None
+        if started is not None and started.nodeid == item.nodeid:
+            sys.stdout.write(started.out)
+            sys.stderr.write(started.err)
+            if started.error is not None:
+                return started.error
+        else:
+            _leave_protocols(state)  # of items whose teardown never came
+            try:
+                state.protocols[item.nodeid] = _compat.Protocol(item)
+            except BaseException:
+                return ExceptionInfo.from_current()
+    elif when == "teardown" and item.nodeid not in state.protocols:
+        # Its protocol refused to start, so its setup never ran: what the
+        # next item does not need is finalized, without the teardown hooks.
         try:
-            state.protocols[item.nodeid] = _compat.Protocol(item)
+            item.session._setupstate.teardown_exact(nextitem)
         except BaseException:
             return ExceptionInfo.from_current()
+        return None
     excinfo = _compat.run_phase(item, when, nextitem)
     if when == "teardown":
         try:

@@ -323,3 +323,86 @@ def test_output_to_the_terminal_follows_the_test_s_name(pytester: pytest.Pyteste
     result = run_inner(pytester, "-s", "-v")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*::test_second SETUP-OUTPUT"])
+
+
+# Once a test is done, the worker enters the protocol of pytest's next test
+# when that goes to it too, while pytest reports the test before.
+
+WRAPPED = """
+import pytest
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item):
+    in_worker = item.config.getoption("subprocess_in_worker", False)
+    if in_worker:
+        with open("wrapped.txt", "a") as f:
+            f.write(f"enter {item.name}\\n")
+        print(f"entering {item.name}")
+        if item.name == "test_refused":
+            raise RuntimeError("the wrapper refuses")
+    yield
+    if in_worker:
+        with open("wrapped.txt", "a") as f:
+            f.write(f"leave {item.name}\\n")
+"""
+
+WRAPPED_TESTS = """
+import pytest
+
+pytestmark = pytest.mark.subprocess
+
+def test_first():
+    pass
+
+def test_second():
+    pass
+
+@pytest.mark.skip
+def test_skipped():
+    pass
+
+def test_third():
+    pass
+
+def test_refused():
+    pass
+
+@pytest.mark.subprocess(scope="session")
+def test_elsewhere():
+    pass
+
+def test_last():
+    pass
+"""
+
+
+def test_each_test_s_protocol_is_entered_and_left_once_in_order(
+    pytester: pytest.Pytester,
+) -> None:
+    """Entered ahead or at the setup, a protocol's wrappers run as in pytest, output and all.
+
+    The second test and the refused one are started ahead. The skipped test
+    is not, nor the third (pytest's next test after the second is the
+    skipped one), nor the last (the test before it goes to another worker).
+    """
+    pytester.makeconftest(WRAPPED)
+    pytester.makepyfile(test_wrapped=WRAPPED_TESTS)
+    result = run_inner(pytester, "-rA")
+    result.assert_outcomes(passed=5, skipped=1, errors=1)
+    tests = ["first", "second", "third", "refused", "elsewhere", "last"]
+    expected = [f"{how} test_{name}" for name in tests for how in ("enter", "leave")]
+    expected.remove("leave test_refused")
+    assert (pytester.path / "wrapped.txt").read_text().splitlines() == expected
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of test_refused*",
+            "*RuntimeError: the wrapper refuses*",
+            "*Captured stdout setup*",
+            "entering test_refused",
+        ]
+    )
+    for name in tests:
+        if name != "refused":
+            result.stdout.fnmatch_lines(
+                [f"*_ test_{name} _*", "*Captured stdout setup*", f"entering test_{name}"]
+            )

@@ -348,18 +348,24 @@ def _start(state: _State, nodeid: str) -> None:
     test's setup here. What they print at Python level, or raise, is kept
     for that setup, as if they had run there.
     """
-    from _pytest._code import ExceptionInfo
-
     item = state.items.get(nodeid)
     if item is None or state.protocols:
         return
-    out, err, error = io.StringIO(), io.StringIO(), None
+    out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            state.protocols[nodeid] = _compat.Protocol(item)
-        except Exception:
-            error = ExceptionInfo.from_current()
+        error = _enter(state, item)
     state.started = _Started(nodeid, out.getvalue(), err.getvalue(), error)
+
+
+def _enter(state: _State, item: pytest.Item) -> Any:
+    """Enter the item's protocol wrappers; return the ExceptionInfo of what one raised, if any."""
+    from _pytest._code import ExceptionInfo
+
+    try:
+        state.protocols[item.nodeid] = _compat.Protocol(item)
+    except BaseException:
+        return ExceptionInfo.from_current()
+    return None
 
 
 def teardown_to(
@@ -389,14 +395,12 @@ def _run(state: _State, item: pytest.Item, when: str, nextitem: Any) -> Any:
         if started is not None and started.nodeid == item.nodeid:
             sys.stdout.write(started.out)
             sys.stderr.write(started.err)
-            if started.error is not None:
-                return started.error
+            error = started.error
         else:
             _leave_protocols(state)  # of items whose teardown never came
-            try:
-                state.protocols[item.nodeid] = _compat.Protocol(item)
-            except BaseException:
-                return ExceptionInfo.from_current()
+            error = _enter(state, item)
+        if error is not None:
+            return error
     elif when == "teardown" and item.nodeid not in state.protocols:
         # Its protocol refused to start, so its setup never ran: what the
         # next item does not need is finalized, without the teardown hooks.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import os
 import socket
 import sys
 import threading
@@ -57,6 +58,23 @@ def quiet_plugins(config: pytest.Config) -> None:
             thread.join(1.0)
     finally:
         threading.excepthook = hook
+
+
+def xdist_controller(config: pytest.Config, options: Any) -> bool:
+    """Whether this process is pytest-xdist's controller (xdist's workers run the tests).
+
+    ``options`` is ``config.option``, or before pytest has configured itself
+    the options parsed so far (an xdist worker is told then by the variable
+    xdist sets before it parses them).
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER") or hasattr(config, "workerinput"):
+        return False
+    processes = getattr(options, "numprocesses", None)
+    if processes in ("auto", "logical"):
+        return not getattr(options, "usepdb", False)  # xdist runs in-process under --pdb
+    if processes is not None:
+        return bool(processes)
+    return getattr(options, "dist", "no") != "no" and bool(getattr(options, "tx", None))
 
 
 def share_dirs(config: pytest.Config, basetemp: Optional[str], cachedir: Optional[str]) -> None:

@@ -660,6 +660,8 @@ def early_template(early_config: pytest.Config) -> Optional[Template]:
     """
     if not _settings.forks_every_test(early_config) or _coverage.starts_later(early_config):
         return None
+    if _compat.xdist_controller(early_config, early_config.known_args_namespace):
+        return None  # xdist's workers run the tests, each with a template of its own
     template = Template(child_env(), PACKAGE_ROOT)
     try:
         template.launch()

@@ -10,6 +10,7 @@ from typing import Any, Optional
 import pytest
 
 from pytest_subproc import (
+    _compat,
     _coverage,
     _debugging,
     _dispatch,
@@ -91,7 +92,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(
         _interrupts.ThreadTimeout(_is_isolated, runtime.worker_of), "pytest_subproc-thread-timeout"
     )
-    if runtime.defaults.isolate_all and not config.getoption("collectonly"):
+    if (
+        runtime.defaults.isolate_all
+        and not config.getoption("collectonly")
+        and not _compat.xdist_controller(config, config.option)
+    ):
         # Every test needs a worker: the template configures pytest while
         # this process collects.
         _warm_up(runtime)

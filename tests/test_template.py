@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import marshal
 import os
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import psutil
 import pytest
 from _inner import PLUGIN, assert_gone
 
 import pytest_subproc
-from pytest_subproc import _zygote
+from pytest_subproc import _compat, _zygote
 from pytest_subproc._process import PACKAGE_ROOT, Worker, child_env
 from pytest_subproc._subworker import Subworker
 from pytest_subproc._template import Template, fork_supported
@@ -265,6 +268,63 @@ def test_under_subprocess_the_template_starts_before_conftests_load(
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["TEMPLATE UP AT CONFTEST IMPORT: True"])
     assert "ResourceWarning" not in result.stderr.str()
+
+
+@needs_fork
+@pytest.mark.usefixtures("no_plugin_autoload")
+@pytest.mark.parametrize("processes", ["2", "auto"])
+def test_xdist_s_controller_starts_no_template(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, processes: str
+) -> None:
+    """Only xdist's workers run tests: each has a template, the controller none."""
+    pytest.importorskip("xdist")
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)  # this suite's own, under xdist
+    pytester.makeconftest(
+        """
+        import os
+
+        with open("imports.txt", "a") as f:
+            f.write(os.environ.get("PYTEST_XDIST_WORKER", "controller") + "\\n")
+        """
+    )
+    pytester.makepyfile("def test_one():\n    pass\n\ndef test_two():\n    pass\n")
+    args = ("-p", "xdist.plugin", "-n", processes, "--dist", "each", "--subprocess")
+    result = pytester.runpytest_subprocess(*PLUGIN, "-p", "no:cacheprovider", *args)
+    # The controller imports the conftest once; each xdist worker and its template once each.
+    imports = (pytester.path / "imports.txt").read_text().split()
+    workers = set(imports) - {"controller"}
+    assert imports.count("controller") == 1, imports
+    assert all(imports.count(name) == 2 for name in workers), imports
+    assert len(workers) == 2 if processes == "2" else len(workers) >= 1
+    result.assert_outcomes(passed=2 * len(workers))  # --dist each: every worker runs both
+
+
+@pytest.mark.parametrize(
+    ("options", "controller"),
+    [
+        ({}, False),
+        ({"numprocesses": None, "dist": "no", "tx": []}, False),
+        ({"numprocesses": 0, "dist": "no", "tx": []}, False),
+        ({"numprocesses": 2, "dist": "no", "tx": []}, True),
+        ({"numprocesses": "auto", "dist": "no", "tx": []}, True),
+        ({"numprocesses": "logical", "usepdb": True}, False),
+        ({"numprocesses": None, "dist": "load", "tx": ["popen"]}, True),
+        ({"numprocesses": None, "dist": "load", "tx": []}, False),
+    ],
+)
+def test_xdist_controller_is_told_from_the_options(
+    monkeypatch: pytest.MonkeyPatch, options: dict[str, object], controller: bool
+) -> None:
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    config = cast(pytest.Config, SimpleNamespace())  # configured: no xdist worker's input
+    namespace = argparse.Namespace(**options)
+    assert _compat.xdist_controller(config, namespace) is controller
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")  # set before an xdist worker parses them
+    assert _compat.xdist_controller(config, namespace) is False
+    worker = cast(pytest.Config, SimpleNamespace(workerinput={}))
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    assert _compat.xdist_controller(worker, namespace) is False
 
 
 def test_a_usage_error_after_the_template_started_early_leaves_nothing(

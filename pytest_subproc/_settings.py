@@ -172,7 +172,24 @@ def forks_every_test(early_config: pytest.Config) -> bool:
         start = parse_start(start, "") if start else default_start()
     except (pytest.UsageError, ValueError):
         return False
-    return isolate_all and start == "fork" and not getattr(known, "collectonly", False)
+    return isolate_all and start == "fork" and not runs_no_test(known)
+
+
+# pytest's options that show something instead of running the tests.
+_SHOW_ONLY = (
+    "help",
+    "version",
+    "collectonly",
+    "showfixtures",
+    "show_fixtures_per_test",
+    "markers",
+    "cacheshow",
+)
+
+
+def runs_no_test(options: Any) -> bool:
+    """Whether pytest, by these options, shows something (help, fixtures...) and runs no test."""
+    return any(getattr(options, name, None) for name in _SHOW_ONLY)
 
 
 def _option(config: pytest.Config, name: str, parse: Any, default: Any) -> Any:

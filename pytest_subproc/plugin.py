@@ -94,7 +94,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     if (
         runtime.defaults.isolate_all
-        and not config.getoption("collectonly")
+        and not _settings.runs_no_test(config.option)
         and not _compat.xdist_controller(config, config.option)
     ):
         # Every test needs a worker: the template configures pytest while
@@ -132,6 +132,7 @@ def pytest_itemcollected(item: pytest.Item) -> None:
         runtime is not None
         and runtime.template is None
         and (runtime.defaults.isolate_all or item.get_closest_marker(_settings.MARKER) is not None)
+        and not _settings.runs_no_test(item.config.option)
     ):
         _warm_up(runtime)
 

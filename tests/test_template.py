@@ -300,6 +300,52 @@ def test_xdist_s_controller_starts_no_template(
     result.assert_outcomes(passed=2 * len(workers))  # --dist each: every worker runs both
 
 
+@needs_fork
+@pytest.mark.usefixtures("no_plugin_autoload")
+@pytest.mark.parametrize(
+    "option",
+    [
+        "--help",
+        "--collect-only",
+        "--fixtures",
+        "--fixtures-per-test",
+        "--markers",
+        "--cache-show",
+    ],
+)
+def test_a_run_that_runs_no_test_starts_no_template(pytester: pytest.Pytester, option: str) -> None:
+    """pytest shows something instead: no template, nothing imports the conftest a second time."""
+    pytester.makeconftest(
+        """
+        import os, psutil
+
+        def templates():
+            return sum("_zygote" in " ".join(p.cmdline()) for p in psutil.Process().children())
+
+        with open("seen.txt", "a") as f:
+            f.write(f"import {os.getpid()} {templates()}\\n")
+
+        def pytest_unconfigure(config):
+            with open("seen.txt", "a") as f:
+                f.write(f"unconfigure {os.getpid()} {templates()}\\n")
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.subprocess
+        def test_marked():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess(*PLUGIN, "--subprocess", option)
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()
+    seen = [line.split() for line in (pytester.path / "seen.txt").read_text().splitlines()]
+    assert len({pid for _, pid, _ in seen}) == 1, seen  # only pytest's process imported it
+    assert all(templates == "0" for _, _, templates in seen), seen
+
+
 @pytest.mark.parametrize(
     ("options", "controller"),
     [

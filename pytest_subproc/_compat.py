@@ -253,11 +253,12 @@ def teardown_all(session: pytest.Session) -> None:
     session._setupstate.teardown_exact(None)
 
 
-def run_phase(item: pytest.Item, when: str, nextitem: Any) -> Optional[Any]:
-    """Run one phase as pytest's runner does; return its ExceptionInfo, if it raised.
+def run_phase(item: pytest.Item, when: str, nextitem: Any) -> tuple[Optional[Any], Any]:
+    """Run one phase as pytest's runner does; return its ExceptionInfo (if it raised) and report.
 
-    Its report is made too, so that hooks reading it (and unittest's
-    recorded failures) see it; the worker sends back only the exception.
+    The report is made so that hooks reading it (and unittest's recorded
+    failures) see it; the worker sends back the exception, and what plugins
+    added to the report.
     """
     from _pytest.runner import CallInfo
 
@@ -275,8 +276,8 @@ def run_phase(item: pytest.Item, when: str, nextitem: Any) -> Optional[Any]:
                     item.funcargs = None  # type: ignore[attr-defined]
 
     call = CallInfo.from_call(phase, when=when)  # type: ignore[arg-type]
-    item.ihook.pytest_runtest_makereport(item=item, call=call)
-    return call.excinfo
+    report = item.ihook.pytest_runtest_makereport(item=item, call=call)
+    return call.excinfo, report  # read after: unittest's hook puts the test's failure there
 
 
 def _setup(item: pytest.Item) -> None:

@@ -36,6 +36,8 @@ _AHEAD = pytest.StashKey[Optional[tuple[str, ...]]]()
 _SENT = pytest.StashKey[tuple[Worker, int, tuple[str, ...]]]()
 # The phases whose results the worker, running ahead, is yet to send, in order.
 _DUE = pytest.StashKey[list[str]]()
+# What plugins set on the worker's report of the phase just run, for pytest's report.
+REPORT_ATTRS = pytest.StashKey[tuple[tuple[str, Any], ...]]()
 # How many workers to fork ahead: a module lasts long enough for one to be
 # ready in time; a test often does not, and a fork takes a few milliseconds.
 _SPARES = {"module": 1, "function": 2}
@@ -403,6 +405,8 @@ class Runtime:
         result: Optional[_worker_items.PhaseResult] = reply.unwrap()
         if result is None:
             return  # passed, nothing to report
+        if result.report_attrs:
+            item.stash[REPORT_ATTRS] = item.stash.get(REPORT_ATTRS, ()) + result.report_attrs
         for section in result.sections:
             item.add_report_section(*section)
         item.user_properties.extend(result.properties)

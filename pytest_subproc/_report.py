@@ -27,6 +27,20 @@ def replay(rows: Iterable[tuple[str, str, str, str, int]]) -> None:
         warnings.warn_explicit(message, category, filename, lineno)
 
 
+def add_attrs(report: Any, attrs: Iterable[tuple[str, Any]]) -> None:
+    """Give pytest's report what plugins set on the worker's report of the same phase.
+
+    The same plugins' hooks made pytest's own report, but without the test's
+    fixtures, which only the worker had: the worker's value wins. A list
+    keeps, after the worker's entries, those only pytest's process added.
+    """
+    for name, value in attrs:
+        mine = getattr(report, name, None)
+        if isinstance(mine, list) and isinstance(value, list):
+            value = value + [entry for entry in mine if entry not in value]
+        setattr(report, name, value)
+
+
 _FAULT_FRAME = re.compile(r'^\s*File "(?P<file>.*)", line (?P<line>\d+) in (?P<name>.*)$')
 
 

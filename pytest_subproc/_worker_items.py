@@ -109,6 +109,9 @@ class PhaseResult:
     # What record_xml_attribute and record_testsuite_property recorded:
     # ("attribute" or "suite", name, value).
     junit: tuple[tuple[str, str, str], ...] = ()
+    # What plugins set on the phase's report beyond pytest's own fields
+    # (pytest-html's extras, say), as (name, value).
+    report_attrs: tuple[tuple[str, Any], ...] = ()
 
 
 class _Recorder:
@@ -173,6 +176,7 @@ class _State:
         self.collected: dict[str, str] = {}  # file path -> what collecting it reported
         self.protocols: dict[str, _compat.Protocol] = {}  # by nodeid, from setup to teardown
         self.started: Optional[_Started] = None  # the protocol entered ahead, see _start
+        self.report: Any = None  # the running phase's report, once made
 
     def item(self, path: str, nodeid: str) -> pytest.Item:
         """The worker's own item for ``nodeid``, collecting its file on first need."""
@@ -283,6 +287,7 @@ def run_phase(
     if state.junit is not None:
         state.junit.records.clear()
     nextitem = _compat.next_item(item.session, after, state.items) if when == "teardown" else None
+    state.report = None
     with _worker_coverage.phase(item, when):
         excinfo = _run(state, item, when, nextitem)
     error = text = None
@@ -296,9 +301,10 @@ def run_phase(
     new_properties = tuple(_sendable(p) for p in item.user_properties[properties:])
     rows = tuple(state.recorder.rows)
     junit = tuple(state.junit.records) if state.junit is not None else ()
-    if error is None and text is None and not (new_sections or new_properties or rows or junit):
-        return None
-    return PhaseResult(error, text, new_sections, new_properties, rows, junit)
+    attrs, state.report = _added_attrs(state.report), None  # not kept: it holds the traceback
+    if not (error or text or new_sections or new_properties or rows or junit or attrs):
+        return None  # the common case: nothing to send
+    return PhaseResult(error, text, new_sections, new_properties, rows, junit, attrs)
 
 
 def run_test(
@@ -409,7 +415,7 @@ def _run(state: _State, item: pytest.Item, when: str, nextitem: Any) -> Any:
         except BaseException:
             return ExceptionInfo.from_current()
         return None
-    excinfo = _compat.run_phase(item, when, nextitem)
+    excinfo, state.report = _compat.run_phase(item, when, nextitem)
     if when == "teardown":
         try:
             _leave_protocols(state)
@@ -430,6 +436,33 @@ def finish(spec: ConfigSpec) -> None:
             _compat.teardown_all(_STATE.session)
         finally:
             _leave_protocols(_STATE)
+
+
+_OWN_FIELDS: frozenset[str] = frozenset()
+
+
+def _added_attrs(report: Any) -> tuple[tuple[str, Any], ...]:
+    """What plugins set on a report beyond pytest's own fields, that can be sent."""
+    global _OWN_FIELDS
+    if report is None:
+        return ()
+    if not _OWN_FIELDS:
+        blank = pytest.TestReport("", ("", None, ""), {}, "passed", None, "call")
+        _OWN_FIELDS = frozenset(vars(blank)) | {"wasxfail"}
+    attrs = []
+    for name, value in vars(report).items():
+        if name in _OWN_FIELDS or name.startswith("_") or _empty(value):
+            continue  # an empty value (pytest-html's extras, mostly) adds nothing
+        try:
+            pickle.dumps(value)
+        except Exception:
+            continue  # a live object (a browser, a connection): nothing pytest could report
+        attrs.append((name, value))
+    return tuple(attrs)
+
+
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, (list, tuple, dict, set, str)) and not value)
 
 
 def _sendable(prop: tuple[str, Any]) -> tuple[str, Any]:

@@ -223,6 +223,20 @@ def pytest_runtest_makereport(
     return report
 
 
+# pytest takes only names that start with pytest_ for hooks.
+@pytest.hookimpl(specname="pytest_runtest_makereport", wrapper=True, tryfirst=True)
+def pytest_runtest_makereport_attrs(
+    item: pytest.Item,
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    # After every other plugin's wrapper: what theirs left unset is the worker's.
+    attrs = item.stash.get(_dispatch.REPORT_ATTRS, None)
+    if attrs is not None:
+        del item.stash[_dispatch.REPORT_ATTRS]
+        _report.add_attrs(report, attrs)
+    return report
+
+
 def _is_isolated(item: pytest.Item) -> bool:
     settings = item.stash.get(_dispatch.SETTINGS, None)
     return settings is not None and settings.isolated

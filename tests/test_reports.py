@@ -660,3 +660,67 @@ def test_a_warning_the_filters_make_an_error_fails_the_test(pytester: pytest.Pyt
     result = run(pytester, "-W", "error::UserWarning", "-k", "logs_and_warns")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*UserWarning: plain warning from the body*"])
+
+
+REPORT_ATTRS_CONFTEST = """
+import json
+import pytest
+
+@pytest.fixture
+def browser(request):
+    # Lives where the test runs: pytest's process never sees it.
+    request.node.screenshots = ["shot of " + request.node.name]
+    return request.node.screenshots
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        # The plugin idiom: attach what the test's fixtures hold to its report.
+        report.extras = list(getattr(item, "screenshots", []))
+        if not item.config.getoption("subprocess_in_worker", False):
+            report.extras.append("seen by pytest")
+        report.verdict = "from " + ("a fixture" if hasattr(item, "screenshots") else "nothing")
+        report.handle = open(__file__)  # a live object: nothing a report could carry
+        report.handle.close()
+    return report
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        with open("reports.jsonl", "a") as f:
+            f.write(json.dumps([report.nodeid, report.extras, report.verdict]) + "\\n")
+"""
+
+REPORT_ATTRS_TESTS = """
+import pytest
+
+@pytest.mark.subprocess
+def test_marked(browser):
+    browser.append("after the click")
+
+def test_in_process(browser):
+    browser.append("after the click")
+
+@pytest.mark.subprocess
+def test_marked_without_fixture():
+    pass
+"""
+
+
+def test_what_plugins_set_on_a_worker_s_report_reaches_pytest_s(pytester: pytest.Pytester) -> None:
+    """pytest-html's extras, say: pytest's own hooks could not see the fixture, the worker's did."""
+    import json
+
+    pytester.makeconftest(REPORT_ATTRS_CONFTEST)
+    pytester.makepyfile(test_attrs=REPORT_ATTRS_TESTS)
+    result = run(pytester)
+    result.assert_outcomes(passed=3)
+    lines = (pytester.path / "reports.jsonl").read_text().splitlines()
+    reports = {nodeid.partition("::")[2]: rest for nodeid, *rest in map(json.loads, lines)}
+    shots = ["after the click", "seen by pytest"]
+    assert reports == {
+        # As in-process: the worker's values, and what only pytest's process added.
+        "test_marked": [["shot of test_marked", *shots], "from a fixture"],
+        "test_in_process": [["shot of test_in_process", *shots], "from a fixture"],
+        "test_marked_without_fixture": [["seen by pytest"], "from nothing"],
+    }

@@ -442,7 +442,11 @@ _OWN_FIELDS: frozenset[str] = frozenset()
 
 
 def _added_attrs(report: Any) -> tuple[tuple[str, Any], ...]:
-    """What plugins set on a report beyond pytest's own fields, that can be sent."""
+    """What plugins set on a report beyond pytest's own fields, that can be sent.
+
+    As pytest-xdist carries a report between processes, private names
+    included (hypothesis keeps its statistics under one).
+    """
     global _OWN_FIELDS
     if report is None:
         return ()
@@ -451,7 +455,7 @@ def _added_attrs(report: Any) -> tuple[tuple[str, Any], ...]:
         _OWN_FIELDS = frozenset(vars(blank)) | {"wasxfail"}
     attrs = []
     for name, value in vars(report).items():
-        if name in _OWN_FIELDS or name.startswith("_") or _empty(value):
+        if name in _OWN_FIELDS or _empty(value):
             continue  # an empty value (pytest-html's extras, mostly) adds nothing
         try:
             pickle.dumps(value)

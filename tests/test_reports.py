@@ -13,6 +13,7 @@ the other installed plugins only slow the runs down.
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 import xml.etree.ElementTree as ET
@@ -709,8 +710,6 @@ def test_marked_without_fixture():
 
 def test_what_plugins_set_on_a_worker_s_report_reaches_pytest_s(pytester: pytest.Pytester) -> None:
     """pytest-html's extras, say: pytest's own hooks could not see the fixture, the worker's did."""
-    import json
-
     pytester.makeconftest(REPORT_ATTRS_CONFTEST)
     pytester.makepyfile(test_attrs=REPORT_ATTRS_TESTS)
     result = run(pytester)
@@ -724,3 +723,25 @@ def test_what_plugins_set_on_a_worker_s_report_reaches_pytest_s(pytester: pytest
         "test_in_process": [["shot of test_in_process", *shots], "from a fixture"],
         "test_marked_without_fixture": [["seen by pytest"], "from nothing"],
     }
+
+
+def test_hypothesis_statistics_of_a_marked_test_are_shown(pytester: pytest.Pytester) -> None:
+    """Hypothesis puts them on the teardown report, as pytest-xdist carries it: so do we."""
+    pytest.importorskip("hypothesis")
+    pytester.makepyfile(
+        """
+        import pytest
+        from hypothesis import given, settings, strategies as st
+
+        @pytest.mark.subprocess
+        @settings(max_examples=5)
+        @given(st.integers())
+        def test_marked(x):
+            pass
+        """
+    )
+    result = run(pytester, "-p", "_hypothesis_pytestplugin", "--hypothesis-show-statistics")
+    result.assert_outcomes(passed=1)
+    stats = section(result, "Hypothesis Statistics", "passed in")
+    assert "test_marked:" in stats, result.stdout.str()
+    assert "Stopped because settings.max_examples=5" in stats, stats

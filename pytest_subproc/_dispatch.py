@@ -631,6 +631,22 @@ class Runtime:
         self.casualties.append((item.nodeid, str(error).partition("\n")[0]))
         return error
 
+    @staticmethod
+    def needs_worker(item: pytest.Item) -> bool:
+        """Whether a selected test runs in a worker or drives one (``subworker``)."""
+        settings = item.stash.get(SETTINGS, None)
+        if settings is not None and settings.isolated:
+            return True
+        return "subworker" in getattr(item, "fixturenames", ())
+
+    def close_templates(self) -> None:
+        """Close the templates started so far; a test that needs a worker starts one again."""
+        with contextlib.ExitStack() as closing:
+            for template in (self.template, self.early):
+                if template is not None:
+                    closing.callback(template.close)
+            self.template = self.early = None
+
     def close_all(self) -> None:
         """Close every worker still open (the run is ending, maybe on Ctrl-C), come what may."""
         self.spares.clear()
@@ -638,10 +654,7 @@ class Runtime:
         with contextlib.ExitStack() as closing:  # each one closed even if another fails
             for worker in list(self.live):
                 closing.callback(self.retire, worker)
-            for template in (self.template, self.early):
-                if template is not None:
-                    closing.callback(template.close)
-            self.template = self.early = None
+            closing.callback(self.close_templates)
 
 
 def _may_skip(item: pytest.Item) -> bool:

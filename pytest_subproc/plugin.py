@@ -145,6 +145,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             runtime.prepare(item)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # A template started for tests that were then deselected (-k, -m) has
+    # nothing to serve: it ends now rather than idle through the run.
+    runtime = _runtime(session.config)
+    if runtime is not None and not any(map(runtime.needs_worker, session.items)):
+        runtime.close_templates()
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_protocol(
     item: pytest.Item, nextitem: Optional[pytest.Item]

@@ -346,6 +346,58 @@ def test_a_run_that_runs_no_test_starts_no_template(pytester: pytest.Pytester, o
     assert all(templates == "0" for _, _, templates in seen), seen
 
 
+@needs_fork
+@pytest.mark.usefixtures("no_plugin_autoload")
+@pytest.mark.parametrize("selection", [("-k", "plain"), ("-m", "not subprocess")])
+def test_a_template_for_deselected_tests_ends_before_the_run(
+    pytester: pytest.Pytester, selection: tuple[str, str]
+) -> None:
+    """Collecting the marked test started it; once no selected test needs it, it goes."""
+    pytester.makeconftest(
+        """
+        import psutil
+
+        def pytest_runtest_setup(item):
+            names = [" ".join(p.cmdline()) for p in psutil.Process().children()]
+            print("TEMPLATES AT SETUP:", sum("_zygote" in n for n in names))
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.subprocess
+        def test_marked():
+            pass
+
+        def test_plain():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess(*PLUGIN, "-p", "no:cacheprovider", "-s", *selection)
+    result.assert_outcomes(passed=1, deselected=1)
+    result.stdout.fnmatch_lines(["*TEMPLATES AT SETUP: 0"])
+
+
+@needs_fork
+@pytest.mark.usefixtures("no_plugin_autoload")
+def test_a_template_a_selected_test_drives_by_hand_stays(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import os, pytest
+
+        @pytest.mark.subprocess
+        def test_marked():
+            pass
+
+        def test_driven(subworker):
+            assert subworker.call(os.getpid) != os.getpid()
+        """
+    )
+    result = pytester.runpytest_subprocess(*PLUGIN, "-p", "no:cacheprovider", "-k", "test_driven")
+    result.assert_outcomes(passed=1, deselected=1)
+
+
 @pytest.mark.parametrize(
     ("options", "controller"),
     [

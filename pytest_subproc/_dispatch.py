@@ -120,7 +120,7 @@ class Runtime:
         settings = for_item(item, self.defaults)
         # A test that drives the worker by hand through `subworker` runs here;
         # its marker still picks the worker's scope.
-        if settings.isolated and "subworker" in getattr(item, "fixturenames", ()):
+        if settings.isolated and drives_worker(item):
             settings = Settings(isolated=False, scope=settings.scope, timeout=settings.timeout)
         item.stash[SETTINGS] = settings
         if not settings.isolated:
@@ -631,14 +631,6 @@ class Runtime:
         self.casualties.append((item.nodeid, str(error).partition("\n")[0]))
         return error
 
-    @staticmethod
-    def needs_worker(item: pytest.Item) -> bool:
-        """Whether a selected test runs in a worker or drives one (``subworker``)."""
-        settings = item.stash.get(SETTINGS, None)
-        if settings is not None and settings.isolated:
-            return True
-        return "subworker" in getattr(item, "fixturenames", ())
-
     def close_templates(self) -> None:
         """Close the templates started so far; a test that needs a worker starts one again."""
         with contextlib.ExitStack() as closing:
@@ -655,6 +647,11 @@ class Runtime:
             for worker in list(self.live):
                 closing.callback(self.retire, worker)
             closing.callback(self.close_templates)
+
+
+def drives_worker(item: pytest.Item) -> bool:
+    """Whether a test drives its scope's worker by hand, through the ``subworker`` fixture."""
+    return "subworker" in getattr(item, "fixturenames", ())
 
 
 def _may_skip(item: pytest.Item) -> bool:

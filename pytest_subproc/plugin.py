@@ -149,7 +149,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     # A template started for tests that were then deselected (-k, -m) has
     # nothing to serve: it ends now rather than idle through the run.
     runtime = _runtime(session.config)
-    if runtime is not None and not any(map(runtime.needs_worker, session.items)):
+    if runtime is None or (runtime.template is None and runtime.early is None):
+        return
+    if not any(_is_isolated(item) or _dispatch.drives_worker(item) for item in session.items):
         runtime.close_templates()
 
 
